@@ -1,0 +1,87 @@
+"""DeepClean: machine unlearning of PyTorch classifiers.
+
+Reference implementation of Shi et al., "DeepClean: Machine Unlearning on the Cheap by Resetting
+Privacy Sensitive Weights using the Fisher Diagonal" (arXiv 2311.10448), with the baselines it is
+compared with and an evaluation harness (gold model, accuracies, membership inference, time).
+"""
+
+from deepclean.data import ImageData, available_datasets, load_dataset
+from deepclean.errors import (
+    CheckpointError,
+    ConfigurationError,
+    DataError,
+    DataNotFoundError,
+    DeepCleanError,
+    MaskError,
+    SplitMismatchError,
+)
+from deepclean.fisher import fisher_diagonal, fisher_diagonal_reference
+from deepclean.masking import masked_finetune
+from deepclean.methods import (
+    DeepClean,
+    FineTune,
+    Retrain,
+    Unlearner,
+    ZeroWeights,
+    available_methods,
+    make_method,
+    register_method,
+    reset_weights,
+)
+from deepclean.metrics import accuracy, entropy, entropy_mia, membership_attack, predict_proba
+from deepclean.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
+from deepclean.selection import mask_summary, select_weights
+from deepclean.splits import ForgetSplit, class_split, index_split, make_split, random_split
+from deepclean.training import TrainConfig, train_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # the method
+    "fisher_diagonal",
+    "fisher_diagonal_reference",
+    "select_weights",
+    "mask_summary",
+    "reset_weights",
+    "masked_finetune",
+    # unlearning methods
+    "Unlearner",
+    "DeepClean",
+    "ZeroWeights",
+    "FineTune",
+    "Retrain",
+    "available_methods",
+    "make_method",
+    "register_method",
+    # models and data
+    "resnet18",
+    "vgg16_bn",
+    "small_cnn",
+    "build_model",
+    "available_models",
+    "ImageData",
+    "load_dataset",
+    "available_datasets",
+    "ForgetSplit",
+    "random_split",
+    "class_split",
+    "index_split",
+    "make_split",
+    "TrainConfig",
+    "train_model",
+    # evaluation
+    "predict_proba",
+    "accuracy",
+    "entropy",
+    "entropy_mia",
+    "membership_attack",
+    # errors
+    "DeepCleanError",
+    "ConfigurationError",
+    "DataError",
+    "DataNotFoundError",
+    "MaskError",
+    "CheckpointError",
+    "SplitMismatchError",
+]

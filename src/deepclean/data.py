@@ -1,0 +1,357 @@
+"""Data sets as in-memory tensors, loaded through torchvision (or scikit-learn for ``digits``).
+
+Every data set is returned as an :class:`ImageData`: normalised float32 images of shape
+``(N, C, H, W)`` and int64 labels of shape ``(N,)`` for the training and the test split. Training
+and evaluation then read batches straight from these tensors (no per-sample Python transforms).
+
+Where the files come from:
+
+- ``fashion-mnist``: ``data_dir`` if given, else the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``). The gzip IDX files are unpacked once into a cache
+  folder in torchvision's layout and read with :class:`torchvision.datasets.FashionMNIST`.
+- ``mnist``, ``cifar10``, ``cifar100``: torchvision's layout under ``data_dir``; ``download=True``
+  lets torchvision fetch them on a machine with internet.
+- ``digits``: scikit-learn's 1,797 8x8 digits, split 1,497 train / 300 test with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from deepclean.errors import DataError, DataNotFoundError
+
+__all__ = [
+    "ImageData",
+    "load_dataset",
+    "available_datasets",
+    "as_tensors",
+    "iterate_batches",
+    "random_crop_flip",
+    "DEBIAN_FASHION_MNIST",
+]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# Per-channel mean and standard deviation of the training images, in [0, 1] pixel units.
+_NORMALISATION = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "digits": ((0.3038,), (0.3794,)),
+}
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A labelled image data set held in memory.
+
+    Attributes:
+        name: data set name, e.g. ``"fashion-mnist"``.
+        train_x: float32 images ``(N_train, C, H, W)``, normalised per channel.
+        train_y: int64 labels ``(N_train,)`` in ``[0, num_classes)``.
+        test_x: float32 images ``(N_test, C, H, W)``.
+        test_y: int64 labels ``(N_test,)``.
+        num_classes: number of classes.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    def train_dataset(self) -> TensorDataset:
+        return TensorDataset(self.train_x, self.train_y)
+
+    def test_dataset(self) -> TensorDataset:
+        return TensorDataset(self.test_x, self.test_y)
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset` and ``deepclean run --dataset``."""
+    return sorted(_NORMALISATION)
+
+
+def _normalise(images_uint8: torch.Tensor, name: str, scale: float = 255.0) -> torch.Tensor:
+    mean, std = _NORMALISATION[name]
+    x = images_uint8.float() / scale
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("DEEPCLEAN_CACHE", Path.home() / ".cache" / "deepclean"))
+
+
+def _prepare_idx_folder(source: Path, target_root: Path, class_name: str) -> Path:
+    """Unpack ``*-ubyte.gz`` files from ``source`` into ``target_root/<class_name>/raw``."""
+    raw = target_root / class_name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for stem in _IDX_FILES:
+        if (raw / stem).is_file():
+            continue
+        gz = source / f"{stem}.gz"
+        plain = source / stem
+        tmp = raw / f".{stem}.partial"
+        if gz.is_file():
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:  # unpack, then rename
+                shutil.copyfileobj(src, dst)
+        elif plain.is_file():
+            shutil.copyfile(plain, tmp)
+        else:
+            raise DataNotFoundError(f"missing {gz} (or {plain})")
+        os.replace(tmp, raw / stem)
+    return target_root
+
+
+def _has_idx(folder: Path) -> bool:
+    return all((folder / f"{s}.gz").is_file() or (folder / s).is_file() for s in _IDX_FILES)
+
+
+def _load_idx_dataset(name: str, data_dir: Path | None, download: bool) -> ImageData:
+    from torchvision import datasets
+
+    cls = datasets.FashionMNIST if name == "fashion-mnist" else datasets.MNIST
+    candidates: list[Path] = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir))
+    elif name == "fashion-mnist":
+        candidates.append(DEBIAN_FASHION_MNIST)
+    root: Path | None = None
+    for folder in candidates:
+        if (folder / cls.__name__ / "raw").is_dir() and _has_idx(folder / cls.__name__ / "raw"):
+            root = _prepare_idx_folder(folder / cls.__name__ / "raw", folder, cls.__name__)
+            break
+        if _has_idx(folder):
+            root = _prepare_idx_folder(folder, _cache_root() / "datasets" / name, cls.__name__)
+            break
+    if root is None and download and data_dir is not None:
+        root = Path(data_dir)
+    if root is None:
+        where = ", ".join(str(c) for c in candidates) or "(no folder given)"
+        hint = (
+            "install the Debian package (sudo apt-get install dataset-fashion-mnist) or "
+            if name == "fashion-mnist"
+            else ""
+        )
+        raise DataNotFoundError(
+            f"{name}: the IDX files ({', '.join(_IDX_FILES)}, optionally .gz) were not found in "
+            f"{where}. To fix: {hint}pass --data-dir FOLDER holding them, or run with --download "
+            "on a machine with internet access."
+        )
+    train = cls(str(root), train=True, download=download)
+    test = cls(str(root), train=False, download=download)
+    return ImageData(
+        name=name,
+        train_x=_normalise(train.data, name),
+        train_y=train.targets.long().clone(),
+        test_x=_normalise(test.data, name),
+        test_y=test.targets.long().clone(),
+        num_classes=10,
+    )
+
+
+def _load_cifar(name: str, data_dir: Path | None, download: bool) -> ImageData:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    if data_dir is None:
+        raise DataNotFoundError(
+            f"{name}: no data folder given. To fix: pass --data-dir FOLDER holding torchvision's "
+            f"'{cls.base_folder}' folder, or add --download on a machine with internet access."
+        )
+    try:
+        train = cls(str(data_dir), train=True, download=download)
+        test = cls(str(data_dir), train=False, download=download)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+        raise DataNotFoundError(
+            f"{name}: {exc} (looked in {data_dir}/{cls.base_folder}). To fix: put torchvision's "
+            "CIFAR python batches there, or add --download on a machine with internet access."
+        ) from exc
+    to_tensor = lambda d: torch.from_numpy(np.ascontiguousarray(d.data)).permute(0, 3, 1, 2)  # noqa: E731
+    return ImageData(
+        name=name,
+        train_x=_normalise(to_tensor(train), name),
+        train_y=torch.tensor(train.targets, dtype=torch.long),
+        test_x=_normalise(to_tensor(test), name),
+        test_y=torch.tensor(test.targets, dtype=torch.long),
+        num_classes=len(train.classes),
+    )
+
+
+def _load_digits() -> ImageData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32))
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    idx_train, idx_test = train_test_split(
+        np.arange(len(labels)), test_size=300, random_state=0, stratify=digits.target
+    )
+    idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
+    x = _normalise(images, "digits", scale=16.0)
+    return ImageData(
+        name="digits",
+        train_x=x[idx_train].contiguous(),
+        train_y=labels[idx_train].clone(),
+        test_x=x[idx_test].contiguous(),
+        test_y=labels[idx_test].clone(),
+        num_classes=10,
+    )
+
+
+def load_dataset(
+    name: str, *, data_dir: str | Path | None = None, download: bool = False
+) -> ImageData:
+    """Load a data set into memory.
+
+    Args:
+        name: one of :func:`available_datasets`.
+        data_dir: folder with the files (see the module docstring); ``None`` uses the default
+            location where one exists (the Debian package for Fashion-MNIST).
+        download: let torchvision download missing files (needs internet).
+
+    Returns:
+        An :class:`ImageData` with normalised float32 images.
+
+    Raises:
+        DataError: unknown data set name.
+        DataNotFoundError: the files are not there; the message says how to get them.
+    """
+    if name not in _NORMALISATION:
+        raise DataError(f"unknown data set {name!r}; expected one of {available_datasets()}")
+    folder = Path(data_dir) if data_dir is not None else None
+    if folder is not None and not folder.exists() and not download:
+        raise DataNotFoundError(
+            f"data folder {folder} does not exist. To fix: pass an existing --data-dir, or add "
+            "--download on a machine with internet access."
+        )
+    if name in ("fashion-mnist", "mnist"):
+        return _load_idx_dataset(name, folder, download)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, folder, download)
+    return _load_digits()
+
+
+def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise a data set of ``(x, y)`` pairs as two tensors ``(N, ...)`` and ``(N,)`` int64.
+
+    ``TensorDataset`` and ``Subset`` of one are indexed directly (no copy per sample); any other
+    data set is read once through a ``DataLoader``.
+
+    Raises:
+        DataError: the data set is empty or its items are not ``(x, y)`` pairs with integer labels.
+    """
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        x, y = dataset.tensors
+    elif (
+        isinstance(dataset, Subset)
+        and isinstance(dataset.dataset, TensorDataset)
+        and len(dataset.dataset.tensors) == 2
+    ):
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        x, y = (t[index] for t in dataset.dataset.tensors)
+    else:
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise DataError("the data set is empty; expected at least one (x, y) sample")
+        xs, ys = [], []
+        for item in torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=False):
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise DataError(
+                    f"expected each sample to be an (x, y) pair, got {type(item).__name__} "
+                    f"of length {len(item) if hasattr(item, '__len__') else '?'}"
+                )
+            xs.append(torch.as_tensor(item[0]))
+            ys.append(torch.as_tensor(item[1]))
+        x, y = torch.cat(xs), torch.cat(ys)
+    if x.shape[0] == 0:
+        raise DataError("the data set is empty; expected at least one (x, y) sample")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(
+            f"expected labels of shape (N,) = ({x.shape[0]},), got {tuple(y.shape)}; labels must be "
+            "class indices, not one-hot vectors"
+        )
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise DataError(f"expected integer class labels, got dtype {y.dtype}")
+    return x, y.long()
+
+
+def random_crop_flip(
+    x: torch.Tensor, *, padding: int, flip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-sample random crop (zero padding of ``padding`` pixels) and horizontal flip of a batch.
+
+    Args:
+        x: images ``(B, C, H, W)``.
+        padding: pixels of padding on each side before cropping back to ``H x W``; 0 disables.
+        flip: flip each image horizontally with probability 1/2.
+        generator: the CPU generator all randomness comes from.
+
+    Returns:
+        Augmented images ``(B, C, H, W)``, same dtype and device.
+    """
+    b, _, h, w = x.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+        rows = (dy.view(b, 1) + torch.arange(h, device=x.device).view(1, h)).view(b, 1, h, 1)
+        cols = (dx.view(b, 1) + torch.arange(w, device=x.device).view(1, w)).view(b, 1, 1, w)
+        c = x.shape[1]
+        padded = padded.gather(2, rows.expand(b, c, h, padded.shape[3]))
+        x = padded.gather(3, cols.expand(b, c, h, w))
+    if flip:
+        do_flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        x = torch.where(do_flip.view(b, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def iterate_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+):
+    """Yield ``(index, x_batch, y_batch)`` over in-memory tensors; ``index`` are row numbers.
+
+    With ``shuffle=True`` the order is a permutation drawn from ``generator`` (required).
+    """
+    n = x.shape[0]
+    if shuffle:
+        if generator is None:
+            raise ValueError("shuffle=True needs an explicit torch.Generator")
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.arange(n)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        xb, yb = x[index], y[index]
+        if device is not None:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        yield index, xb, yb

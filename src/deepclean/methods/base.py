@@ -1,0 +1,208 @@
+"""The unlearning contract and the registry of methods.
+
+Every method is a class whose constructor only stores keyword-only hyperparameters (validated at
+once) and whose :meth:`Unlearner.unlearn` takes ``(model, forget, retain)`` and returns a *new*
+model, leaving the given one bitwise untouched. All randomness comes from the method's ``seed``.
+After a call, ``info_`` holds method-specific facts (e.g. the number of weights reset).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from deepclean.data import as_tensors
+from deepclean.errors import ConfigurationError, DataError
+
+__all__ = [
+    "Unlearner",
+    "register_method",
+    "available_methods",
+    "make_method",
+    "method_class",
+    "prepare_inputs",
+]
+
+_REGISTRY: dict[str, type[Unlearner]] = {}
+
+
+class Unlearner(ABC):
+    """Base class of unlearning methods.
+
+    Subclasses set ``name``, ``summary`` (one line) and ``reference`` (paper), and implement
+    :meth:`_unlearn` on in-memory tensors. The public :meth:`unlearn` validates the inputs before
+    any work, copies the model and converts the data.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+
+    def __init__(self, *, seed: int = 0, device: str | torch.device | None = None,
+                 progress: bool = False) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigurationError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.device = device
+        self.progress = progress
+        self.info_: dict[str, Any] = {}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor's keyword arguments and their current values (JSON-friendly)."""
+        out = {}
+        for key in inspect.signature(type(self).__init__).parameters:
+            if key in ("self", "device", "progress"):
+                continue
+            value = getattr(self, key)
+            out[key] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+        return out
+
+    def unlearn(self, model: nn.Module, forget: Dataset, retain: Dataset) -> nn.Module:
+        """Return a new model from which the forget set D_f has been unlearned.
+
+        Args:
+            model: the trained classifier; not modified.
+            forget: D_f, a ``Dataset`` of ``(x, y)`` pairs with integer labels.
+            retain: D_r, same format.
+
+        Returns:
+            A new ``nn.Module`` in eval mode on the method's device.
+
+        Raises:
+            DataError: D_f or D_r is empty, or their samples have different shapes.
+        """
+        work, xf, yf, xr, yr, device = prepare_inputs(model, forget, retain, self.device)
+        self.info_ = {}
+        out = self._unlearn(work, xf, yf, xr, yr, device)
+        return out.eval()
+
+    @abstractmethod
+    def _unlearn(
+        self,
+        model: nn.Module,
+        xf: torch.Tensor,
+        yf: torch.Tensor,
+        xr: torch.Tensor,
+        yr: torch.Tensor,
+        device: torch.device,
+    ) -> nn.Module:
+        """Unlearn on a private copy ``model`` (may be modified in place) and return the result."""
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from ``seed`` (plus ``offset`` for independent streams)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+def prepare_inputs(
+    model: nn.Module,
+    forget: Dataset,
+    retain: Dataset,
+    device: str | torch.device | None,
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.device]:
+    """Validate D_f and D_r, materialise them, and deep-copy the model to the device."""
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(f"expected an nn.Module as the model, got {type(model).__name__}")
+    for label, ds in (("forget set D_f", forget), ("retain set D_r", retain)):
+        try:
+            size = len(ds)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise DataError(f"the {label} must be a sized torch Dataset of (x, y)") from exc
+        if size == 0:
+            raise DataError(
+                f"the {label} is empty; unlearning needs at least one sample in D_f and in D_r"
+            )
+    xf, yf = as_tensors(forget)
+    xr, yr = as_tensors(retain)
+    if xf.shape[1:] != xr.shape[1:]:
+        raise DataError(
+            f"D_f samples have shape {tuple(xf.shape[1:])} but D_r samples "
+            f"{tuple(xr.shape[1:])}; expected the same input shape"
+        )
+    first = next(model.parameters(), None)
+    if device is None:
+        dev = first.device if first is not None else torch.device("cpu")
+    else:
+        from deepclean.training import resolve_device
+
+        dev = resolve_device(device)
+    work = copy.deepcopy(model).to(dev)
+    return work, xf, yf, xr, yr, dev
+
+
+def register_method(cls: type[Unlearner]) -> type[Unlearner]:
+    """Class decorator: add an :class:`Unlearner` subclass to the registry under ``cls.name``.
+
+    Raises:
+        ConfigurationError: the name is empty or already registered.
+    """
+    if not cls.name:
+        raise ConfigurationError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ConfigurationError(f"a method named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names of every registered unlearning method, in registration order."""
+    import deepclean.methods  # noqa: F401  (fills the registry)
+
+    return list(_REGISTRY)
+
+
+def method_class(name: str) -> type[Unlearner]:
+    """The class registered under ``name``.
+
+    Raises:
+        ConfigurationError: unknown name; the message lists the valid ones.
+    """
+    available = available_methods()
+    if name not in _REGISTRY:
+        raise ConfigurationError(f"unknown method {name!r}; expected one of {available}")
+    return _REGISTRY[name]
+
+
+def make_method(name: str, **hyperparameters: Any) -> Unlearner:
+    """Build a registered method with the given hyperparameters.
+
+    Raises:
+        ConfigurationError: unknown name or hyperparameter; the message lists the valid ones.
+    """
+    cls = method_class(name)
+    accepted = [
+        k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "args", "kwargs")
+    ]
+    unknown = sorted(set(hyperparameters) - set(accepted))
+    if unknown:
+        raise ConfigurationError(
+            f"method {name!r} has no hyperparameter {unknown}; valid ones: {accepted}"
+        )
+    return cls(**hyperparameters)
+
+
+def check_positive(**values: float) -> None:
+    """Raise :class:`ConfigurationError` unless every value is > 0."""
+    for key, value in values.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ConfigurationError(f"{key} must be a number > 0, got {value!r}")
+
+
+def check_non_negative_int(**values: int) -> None:
+    """Raise :class:`ConfigurationError` unless every value is an int >= 0."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigurationError(f"{key} must be an int >= 0, got {value!r}")
+
+
+Builder = Callable[[int], nn.Module]

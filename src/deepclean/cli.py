@@ -1,0 +1,242 @@
+"""Command-line interface: a thin shell over :func:`deepclean.experiment.run_experiment`.
+
+    deepclean run [options]       train (or reuse) original and gold models, unlearn, compare
+    deepclean methods             list the unlearning methods with their references
+    deepclean report RESULTS_DIR  rebuild the tables from the result JSON files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from deepclean.errors import ConfigurationError, DeepCleanError
+
+__all__ = ["main", "build_parser"]
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in _comma_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _train_size(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {text!r}") from exc
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 training samples, got {value}")
+    return value
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _hyperparameter(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD.NAME=VALUE (e.g. deepclean.epochs=1), got {text!r}"
+        )
+    key, value = text.split("=", 1)
+    method, name = key.split(".", 1)
+    return method, name, _value(value)
+
+
+def _read_indices(path: str) -> tuple[int, ...]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigurationError(
+            f"--forget-indices: {path} does not exist; expected a JSON list or a text file with "
+            "one training index per line"
+        )
+    text = p.read_text().strip()
+    try:
+        values = json.loads(text) if text.startswith("[") else text.split()
+        return tuple(int(v) for v in values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"--forget-indices: {path} must hold integers (a JSON list, or one per line)"
+        ) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepclean",
+        description="Machine unlearning of PyTorch classifiers (DeepClean, arXiv 2311.10448).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="train (or reuse) original and gold models, unlearn with each method, compare",
+        description="Run the paper's experiment. With no options: Fashion-MNIST, ResNet-18 "
+        "(width 0.125) on 20,000 training images, random-10%% and class-0 forgetting, Fine-tune "
+        "and DeepClean against the gold model.",
+    )
+    run.add_argument("--preset", choices=["default", "paper"], default="default",
+                     help="'paper': full-width ResNet-18 and VGG-16-BN, full data, the paper's "
+                     "recipe (for a GPU)")
+    run.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100, digits")
+    run.add_argument("--data-dir", help="folder with the data set files")
+    run.add_argument("--download", action="store_true",
+                     help="let torchvision download missing data (needs internet)")
+    run.add_argument("--model", type=_comma_list, help="resnet18, vgg16_bn, small_cnn; comma list")
+    run.add_argument("--width", type=float, help="channel-width multiplier (1.0 = paper size)")
+    run.add_argument("--train-size", type=_train_size, default=argparse.SUPPRESS,
+                     help="training samples drawn from the training split, or 'all'")
+    run.add_argument("--epochs", type=int, help="epochs of the original and gold models")
+    run.add_argument("--lr", type=float, help="SGD learning rate of the original and gold models")
+    run.add_argument("--scenarios", type=_comma_list, help="random, class, indices; comma list")
+    run.add_argument("--forget-fraction", type=float, help="share forgotten in 'random' (0-1)")
+    run.add_argument("--forget-class", type=_int_list, help="classes forgotten in 'class'")
+    run.add_argument("--forget-indices",
+                     help="file with training indices to forget (scenario 'indices')")
+    run.add_argument("--methods", type=_comma_list,
+                     help="comma list of methods, or 'all' (see 'deepclean methods')")
+    run.add_argument("--seeds", type=int, nargs="+", help="one run per seed (default 0)")
+    run.add_argument("--gamma", type=float, help="DeepClean threshold for every scenario")
+    run.add_argument("--gamma-random", type=float, help="threshold for random (default 1.1)")
+    run.add_argument("--gamma-class", type=float, help="threshold for class (default 2.0)")
+    run.add_argument("--unlearn-epochs", type=int, help="fine-tune epochs of DeepClean/Fine-tune")
+    run.add_argument("--unlearn-lr", type=float, help="their Adam learning rate (default 1e-3)")
+    run.add_argument("--hp", type=_hyperparameter, action="append", default=[],
+                     metavar="METHOD.NAME=VALUE", help="a method hyperparameter; repeatable")
+    run.add_argument("--out", help="output folder (default runs/default)")
+    run.add_argument("--cache-dir", help="cache of trained models (default ~/.cache/deepclean)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    sub.add_parser("methods", help="list the unlearning methods with their references")
+
+    report = sub.add_parser("report", help="rebuild the tables from a results folder")
+    report.add_argument("results_dir", help="the --out folder of a run")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace):
+    from deepclean.experiment import ExperimentConfig, preset
+    from deepclean.methods import available_methods
+
+    dataset = args.dataset or "fashion-mnist"
+    fields: dict[str, Any] = preset(args.preset, dataset)
+    fields["dataset"] = dataset
+    simple = {
+        "data_dir": args.data_dir,
+        "models": args.model,
+        "width": args.width,
+        "scenarios": args.scenarios,
+        "forget_fraction": args.forget_fraction,
+        "forget_classes": args.forget_class,
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "gamma_random": args.gamma_random if args.gamma is None else args.gamma,
+        "gamma_class": args.gamma_class if args.gamma is None else args.gamma,
+        "unlearn_epochs": args.unlearn_epochs,
+        "unlearn_lr": args.unlearn_lr,
+        "out_dir": args.out,
+        "cache_dir": args.cache_dir,
+        "device": args.device,
+    }
+    fields.update({k: v for k, v in simple.items() if v is not None})
+    if "train_size" in vars(args):  # 'all' gives None, so presence is the signal
+        fields["train_size"] = args.train_size
+    if args.download:
+        fields["download"] = True
+    if args.no_progress:
+        fields["progress"] = False
+    if args.methods is not None:
+        if args.methods == ("all",):
+            fields["methods"] = tuple(m for m in available_methods() if m != "retrain")
+        else:
+            fields["methods"] = args.methods
+    if args.forget_indices:
+        fields["forget_indices"] = _read_indices(args.forget_indices)
+        if args.scenarios is None:
+            fields["scenarios"] = ("indices",)
+    hps: dict[str, dict[str, Any]] = {}
+    for method, name, value in args.hp:
+        hps.setdefault(method, {})[name] = value
+    if hps:
+        fields["hyperparameters"] = hps
+    config = ExperimentConfig(**fields)
+    if args.epochs is not None or args.lr is not None:
+        changes = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+        config = replace(config, train=replace(config.train, **changes))
+    config.validate()
+    return config
+
+
+def _cmd_methods() -> int:
+    from deepclean.methods import available_methods, method_class
+
+    for name in available_methods():
+        cls = method_class(name)
+        print(f"{name:18s} {cls.summary}\n{'':18s} ({cls.reference})")
+    return 0
+
+
+def _cmd_report(results_dir: str) -> int:
+    from deepclean.reporting import load_records, write_tables
+
+    records = load_records(results_dir)
+    if not records:
+        raise ConfigurationError(
+            f"no result JSON files in {results_dir} (or its results/ folder); pass the --out "
+            "folder of a 'deepclean run'"
+        )
+    print(write_tables(records, results_dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deepclean`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "methods":
+            return _cmd_methods()
+        if args.command == "report":
+            return _cmd_report(args.results_dir)
+        import torch
+
+        from deepclean.experiment import run_experiment
+
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        config = _config_from_args(args)
+        run_experiment(config)
+        print(f"results written to {config.out_dir}/ (results.md, results.csv, results/, "
+              "splits/, checkpoints/)")
+        return 0
+    except DeepCleanError as exc:
+        print(f"deepclean: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepclean: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""The paper's experiment as one library call: original model, gold model, unlearning, metrics.
+
+:func:`run_experiment` is what ``deepclean run`` calls. For every seed, model and scenario it
+
+1. trains the original model on the training set (or reuses a cached one),
+2. draws the forget/retain split and writes its manifest,
+3. retrains the gold model from scratch on D_r with the same recipe (or reuses a cached one),
+4. runs each unlearning method on the original model and times the unlearning step alone,
+5. evaluates every model (Acc_Dr, Acc_Df, Acc_test, the paper's entropy MIA, gaps to gold) and
+   writes one JSON file per (dataset, model, scenario, method, seed), plus Markdown and CSV tables.
+
+Cached models live under ``cache_dir`` with a key of everything that determines them (data set,
+training subset, split, architecture, width, recipe, seed), as safetensors files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from deepclean.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    strip_module_prefix,
+)
+from deepclean.data import ImageData, load_dataset
+from deepclean.errors import CheckpointError, ConfigurationError
+from deepclean.methods import make_method, method_class
+from deepclean.metrics import accuracy, entropy_mia, predict_proba
+from deepclean.models import available_models, build_model
+from deepclean.splits import SCENARIOS, ForgetSplit, make_split
+from deepclean.training import TrainConfig, resolve_device, synchronize, train_model
+
+__all__ = [
+    "ExperimentConfig",
+    "run_experiment",
+    "preset",
+    "PRESETS",
+    "evaluate_model",
+    "default_cache_dir",
+]
+
+PRESETS = ("default", "paper")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines a run of ``deepclean run``.
+
+    Attributes:
+        dataset: data set name (:func:`deepclean.available_datasets`).
+        data_dir: folder of the data set files; ``None`` uses the default location.
+        download: let torchvision download missing data (needs internet).
+        models: architectures (:func:`deepclean.available_models`).
+        width: channel-width multiplier of every model (1.0 = the paper's size).
+        train_size: number of training samples drawn (with the seed) from the training split;
+            ``None`` uses all of it.
+        train: the recipe of the original and the gold model.
+        scenarios: ``"random"``, ``"class"`` and/or ``"indices"``.
+        forget_fraction: share of the training set forgotten in the random scenario (fraction).
+        forget_classes: classes forgotten in the class scenario.
+        forget_indices: training-set indices forgotten in the ``indices`` scenario.
+        methods: unlearning methods to compare (the gold model is always trained).
+        seeds: one full run per seed (training subset, split, models, methods).
+        gamma_random / gamma_class: DeepClean's threshold per scenario (paper: 1.1 and 2.0).
+        unlearn_epochs: fine-tune epochs of DeepClean and Fine-tune.
+        unlearn_lr: their Adam learning rate.
+        hyperparameters: per-method overrides ``{method: {name: value}}``.
+        out_dir: where results, tables, manifests and checkpoints go.
+        cache_dir: where trained original and gold models are cached.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+        progress: show progress bars.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    models: tuple[str, ...] = ("resnet18",)
+    width: float = 0.125
+    train_size: int | None = 20_000
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=0.05))
+    scenarios: tuple[str, ...] = ("random", "class")
+    forget_fraction: float = 0.1
+    forget_classes: tuple[int, ...] = (0,)
+    forget_indices: tuple[int, ...] | None = None
+    methods: tuple[str, ...] = ("finetune", "deepclean")
+    seeds: tuple[int, ...] = (0,)
+    gamma_random: float = 1.1
+    gamma_class: float = 2.0
+    unlearn_epochs: int = 3
+    unlearn_lr: float = 1e-3
+    hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out_dir: str = "runs/default"
+    cache_dir: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Check every field before any work.
+
+        Raises:
+            ConfigurationError: an invalid value; the message names the field and the fix.
+        """
+        for name in self.models:
+            if name not in available_models():
+                raise ConfigurationError(
+                    f"unknown model {name!r}; expected one of {available_models()}"
+                )
+        for s in self.scenarios:
+            if s not in SCENARIOS:
+                raise ConfigurationError(
+                    f"unknown scenario {s!r}; expected one of {list(SCENARIOS)}"
+                )
+        if not self.scenarios:
+            raise ConfigurationError("no scenario given; expected at least one of random, class")
+        if "indices" in self.scenarios and not self.forget_indices:
+            raise ConfigurationError(
+                "scenario 'indices' needs the training indices to forget (--forget-indices FILE)"
+            )
+        for m in self.methods:
+            method_class(m)  # raises with the list of valid names
+        for m in self.hyperparameters:
+            method_class(m)
+        if not self.seeds:
+            raise ConfigurationError("no seed given; expected at least one (e.g. --seeds 0)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigurationError(f"seeds must be distinct, got {list(self.seeds)}")
+        if self.train_size is not None and self.train_size < 2:
+            raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
+        if not self.width > 0:
+            raise ConfigurationError(f"width must be > 0, got {self.width}")
+        for key in ("gamma_random", "gamma_class", "unlearn_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigurationError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.unlearn_epochs < 0:
+            raise ConfigurationError(f"unlearn_epochs must be >= 0, got {self.unlearn_epochs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+
+def preset(name: str, dataset: str = "fashion-mnist") -> dict[str, Any]:
+    """Field values of a named preset, to pass to :class:`ExperimentConfig`.
+
+    - ``default``: sized for a 2-core CPU. ResNet-18 at width 0.125 (176 k weights) on 20,000
+      training samples, 12 epochs of SGD (lr 0.05, momentum 0.9, weight decay 5e-4, cosine), no
+      augmentation, so that the original model memorises its training data (train accuracy about
+      100 %, test about 90 % on Fashion-MNIST); unlearning fine-tunes 3 epochs.
+    - ``paper``: the paper's section 4 for users with a GPU: full-width ResNet-18 and VGG-16-BN,
+      the full training set, SGD lr 0.1 with step decays and random crop (and flip on CIFAR);
+      MNIST-like data 10 epochs (decays at 4, 8), CIFAR-10 20 epochs (6, 12, 16), CIFAR-100
+      200 epochs (60, 120, 160, factor 5); DeepClean fine-tunes 1 epoch on MNIST-like data and 3
+      on CIFAR.
+
+    Raises:
+        ConfigurationError: unknown preset name.
+    """
+    if name == "default":
+        return {}
+    if name != "paper":
+        raise ConfigurationError(f"unknown preset {name!r}; expected one of {list(PRESETS)}")
+    if dataset in ("cifar10", "cifar100"):
+        if dataset == "cifar10":
+            recipe = TrainConfig(epochs=20, lr=0.1, schedule="multistep", milestones=(6, 12, 16),
+                                 crop_padding=4, flip=True)
+        else:
+            recipe = TrainConfig(epochs=200, lr=0.1, schedule="multistep",
+                                 milestones=(60, 120, 160), lr_factor=0.2, crop_padding=4,
+                                 flip=True)
+        unlearn_epochs = 3
+    else:
+        recipe = TrainConfig(epochs=10, lr=0.1, schedule="multistep", milestones=(4, 8),
+                             crop_padding=2)
+        unlearn_epochs = 1
+    return {
+        "models": ("resnet18", "vgg16_bn"),
+        "width": 1.0,
+        "train_size": None,
+        "train": recipe,
+        "unlearn_epochs": unlearn_epochs,
+    }
+
+
+def default_cache_dir() -> Path:
+    """``$DEEPCLEAN_CACHE/models``, by default ``~/.cache/deepclean/models``."""
+    import os
+
+    root = os.environ.get("DEEPCLEAN_CACHE", str(Path.home() / ".cache" / "deepclean"))
+    return Path(root) / "models"
+
+
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _digest_indices(index: torch.Tensor) -> str:
+    return hashlib.sha256(index.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class _Context:
+    cfg: ExperimentConfig
+    data: ImageData
+    device: torch.device
+    cache_dir: Path
+    out_dir: Path
+    log: Callable[[str], None]
+
+
+def _train_or_load(
+    ctx: _Context,
+    *,
+    kind: str,
+    model_name: str,
+    seed: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    determinants: dict[str, Any],
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trained model of ``kind`` ("original" or "gold"), from the cache when its key matches."""
+    cfg = ctx.cfg
+    payload = {
+        "kind": kind,
+        "dataset": cfg.dataset,
+        "model": model_name,
+        "width": cfg.width,
+        "in_channels": ctx.data.in_channels,
+        "num_classes": ctx.data.num_classes,
+        "recipe": cfg.train.to_dict(),
+        "seed": seed,
+        **determinants,
+    }
+    key = _key(payload)
+    path = ctx.cache_dir / f"{kind}-{cfg.dataset}-{model_name}-{key}.safetensors"
+    model = build_model(model_name, in_channels=ctx.data.in_channels,
+                        num_classes=ctx.data.num_classes, width=cfg.width, seed=seed)
+    if path.is_file():
+        try:
+            state, meta = load_checkpoint(path)
+            if meta.get("key") == key:
+                model.load_state_dict(strip_module_prefix(state), strict=True)
+                ctx.log(f"  {kind} model: reused {path}")
+                return model.to(ctx.device).eval(), meta
+            ctx.log(f"  {kind} model: cache entry {path} has another key; retraining")
+        except (CheckpointError, RuntimeError) as exc:
+            ctx.log(f"  {kind} model: cache entry unusable ({exc}); retraining")
+    ctx.log(f"  {kind} model: training on {x.shape[0]} samples ({cfg.train.epochs} epochs)")
+    synchronize(ctx.device)
+    start = time.perf_counter()
+    train_model(model, x, y, cfg.train, seed=seed, device=ctx.device, desc=f"train {kind}",
+                progress=cfg.progress)
+    synchronize(ctx.device)
+    seconds = time.perf_counter() - start
+    meta = {"key": key, "determinants": payload, "train_time_s": seconds}
+    save_checkpoint(path, model, meta)
+    return model.eval(), {**meta}
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    *,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    split: ForgetSplit,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """The paper's metrics of one model.
+
+    Returns:
+        ``acc_retain``, ``acc_forget``, ``acc_test`` (accuracy in % on D_r, D_f, test) and ``mia``
+        (% of D_f called member by the entropy attack fitted on D_r vs test).
+    """
+    probs_train = predict_proba(model, x_train, device=device)
+    probs_test = predict_proba(model, x_test, device=device)
+    p_r, p_f = probs_train[split.retain], probs_train[split.forget]
+    return {
+        "acc_retain": accuracy(p_r, y_train[split.retain]),
+        "acc_forget": accuracy(p_f, y_train[split.forget]),
+        "acc_test": accuracy(probs_test, y_test),
+        "mia": entropy_mia(p_r, probs_test, p_f),
+    }
+
+
+def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
+                   device: torch.device, model_name: str, data: ImageData) -> dict[str, Any]:
+    import inspect
+
+    accepted = inspect.signature(method_class(name).__init__).parameters
+    gamma = cfg.gamma_class if scenario == "class" else cfg.gamma_random
+    wanted: dict[str, Any] = {
+        "seed": seed,
+        "device": device,
+        "progress": cfg.progress,
+        "gamma": gamma,
+    }
+    if name in ("deepclean", "finetune"):
+        wanted.update(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr)
+    if name == "retrain":
+        wanted.update(
+            train_config=cfg.train,
+            builder=lambda s: build_model(model_name, in_channels=data.in_channels,
+                                          num_classes=data.num_classes, width=cfg.width, seed=s),
+        )
+    kwargs = {k: v for k, v in wanted.items() if k in accepted}
+    kwargs.update(cfg.hyperparameters.get(name, {}))
+    return kwargs
+
+
+def _subsample(data: ImageData, train_size: int | None, seed: int) -> torch.Tensor:
+    n = data.train_x.shape[0]
+    if train_size is None or train_size >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randperm(n, generator=g)[:train_size].sort().values
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def run_experiment(
+    config: ExperimentConfig, *, log: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
+    """Run the experiment described by ``config`` and write its files into ``config.out_dir``.
+
+    Files written (each atomically):
+
+    - ``results/<dataset>_<model>_<scenario>_<method>_seed<seed>.json``: one per method, and one
+      for ``gold`` and ``original``, with metrics, gaps to gold, time and hyperparameters;
+    - ``splits/<dataset>_<scenario>_seed<seed>.json``: the split manifest (forget indices);
+    - ``checkpoints/<...>.safetensors``: every model evaluated;
+    - ``results.md`` and ``results.csv``: the tables.
+
+    Returns:
+        The result records (the JSON payloads).
+
+    Raises:
+        ConfigurationError, DataError, DataNotFoundError: invalid configuration or data, before any
+            training starts.
+    """
+    from deepclean.reporting import write_tables
+
+    config.validate()
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+    out_dir = Path(config.out_dir)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    ctx = _Context(config, data, device, cache_dir, out_dir, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "config.json", config.to_dict() | {"device_used": str(device)})
+    records: list[dict[str, Any]] = []
+    for seed in config.seeds:
+        subset = _subsample(data, config.train_size, seed)
+        x_train, y_train = data.train_x[subset], data.train_y[subset]
+        for model_name in config.models:
+            log(f"[seed {seed}] {config.dataset} / {model_name} (width {config.width}): "
+                f"{x_train.shape[0]} training samples, device {device}")
+            original, original_meta = _train_or_load(
+                ctx, kind="original", model_name=model_name, seed=seed, x=x_train, y=y_train,
+                determinants={"train_subset_sha256": _digest_indices(subset)},
+            )
+            for scenario in config.scenarios:
+                records += _run_scenario(
+                    ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
+                    x_train=x_train, y_train=y_train, original=original,
+                    original_meta=original_meta,
+                )
+    tables = write_tables(records, out_dir)
+    log(tables)
+    return records
+
+
+def _run_scenario(
+    ctx: _Context,
+    *,
+    scenario: str,
+    seed: int,
+    model_name: str,
+    subset: torch.Tensor,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    original: torch.nn.Module,
+    original_meta: dict[str, Any],
+) -> list[dict[str, Any]]:
+    cfg, data, device = ctx.cfg, ctx.data, ctx.device
+    split = make_split(
+        scenario, y_train, fraction=cfg.forget_fraction, classes=cfg.forget_classes,
+        indices=cfg.forget_indices, seed=seed,
+    )
+    manifest = split.manifest() | {
+        "dataset": cfg.dataset,
+        "seed": seed,
+        "train_subset": subset.tolist() if cfg.train_size is not None else "all",
+        "note": "forget_indices index the training subset; train_subset maps them to the "
+                "data set's training split",
+    }
+    _write_json(ctx.out_dir / "splits" / f"{cfg.dataset}_{scenario}_seed{seed}.json", manifest)
+    ctx.log(f" scenario {scenario}: |D_f| = {split.forget.numel()}, "
+            f"|D_r| = {split.retain.numel()}")
+    gold, gold_meta = _train_or_load(
+        ctx, kind="gold", model_name=model_name, seed=seed, x=x_train[split.retain],
+        y=y_train[split.retain],
+        determinants={"train_subset_sha256": _digest_indices(subset),
+                      "forget_sha256": split.digest},
+    )
+    evaluate = lambda m: evaluate_model(  # noqa: E731
+        m, x_train=x_train, y_train=y_train, split=split, x_test=data.test_x, y_test=data.test_y,
+        device=device,
+    )
+    gold_metrics = evaluate(gold)
+    base = {
+        "dataset": cfg.dataset,
+        "model": model_name,
+        "width": cfg.width,
+        "scenario": scenario,
+        "seed": seed,
+        "n_train": int(x_train.shape[0]),
+        "n_forget": int(split.forget.numel()),
+        "n_retain": int(split.retain.numel()),
+        "forget_sha256": split.digest,
+        "gold_metrics": gold_metrics,
+        "gold_time_s": gold_meta["train_time_s"],
+        "recipe": cfg.train.to_dict(),
+        "torch_version": torch.__version__,
+    }
+    stem = f"{cfg.dataset}_{model_name}_{scenario}"
+    records = []
+
+    def record(method: str, model: torch.nn.Module, metrics: dict[str, float], extra: dict) -> dict:
+        rec = base | {"method": method, "metrics": metrics} | extra
+        rec["gaps"] = {
+            "d_acc_forget": metrics["acc_forget"] - gold_metrics["acc_forget"],
+            "d_acc_retain": metrics["acc_retain"] - gold_metrics["acc_retain"],
+            "d_acc_test": metrics["acc_test"] - gold_metrics["acc_test"],
+            "d_mia": metrics["mia"] - gold_metrics["mia"],
+        }
+        name = f"{stem}_{method}_seed{seed}"
+        save_checkpoint(ctx.out_dir / "checkpoints" / f"{name}.safetensors", model,
+                        {"method": method, "forget_sha256": split.digest, "seed": seed,
+                         "dataset": cfg.dataset, "model": model_name, "width": cfg.width})
+        _write_json(ctx.out_dir / "results" / f"{name}.json", rec)
+        records.append(rec)
+        return rec
+
+    record("original", original, evaluate(original),
+           {"time_s": None, "train_time_s": original_meta["train_time_s"], "hyperparameters": {}})
+    record("gold", gold, gold_metrics,
+           {"time_s": gold_meta["train_time_s"], "hyperparameters": cfg.train.to_dict()})
+    forget = TensorDataset(x_train[split.forget], y_train[split.forget])
+    retain = TensorDataset(x_train[split.retain], y_train[split.retain])
+    for name in cfg.methods:
+        method = make_method(name, **_method_kwargs(cfg, name, scenario, seed, device,
+                                                    model_name, data))
+        ctx.log(f"  unlearning with {name} ...")
+        synchronize(device)
+        start = time.perf_counter()
+        unlearned = method.unlearn(original, forget, retain)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        metrics = evaluate(unlearned)
+        rec = record(name, unlearned, metrics, {
+            "time_s": seconds,
+            "hyperparameters": method.hyperparameters(),
+            **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
+        })
+        ctx.log(f"  {name}: Acc_Dr {metrics['acc_retain']:.2f}  Acc_Df {metrics['acc_forget']:.2f}"
+                f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
+                f"  time {seconds:.1f} s")
+    return records
+
+
+def with_overrides(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """A copy of ``config`` with some fields replaced (``dataclasses.replace``)."""
+    return replace(config, **changes)
+
+
+def parse_seeds(values: Sequence[str | int]) -> tuple[int, ...]:
+    """Seeds from CLI strings; raises :class:`ConfigurationError` on a non-integer."""
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError as exc:
+        raise ConfigurationError(f"seeds must be integers, got {list(values)}") from exc

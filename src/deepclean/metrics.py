@@ -77,7 +77,7 @@ def membership_attack(
 
     def as2d(a) -> np.ndarray:
         a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
-        return a.reshape(len(a), -1)
+        return a.reshape(len(a), -1) if len(a) else a.reshape(0, 1)
 
     m, n, t = as2d(member), as2d(non_member), as2d(target)
     for label, a in (("member", m), ("non-member", n), ("target", t)):

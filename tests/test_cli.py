@@ -1,0 +1,77 @@
+"""The command line: listing, bad input, and an end-to-end run on real Fashion-MNIST images."""
+
+import json
+
+import pytest
+
+from deepclean.cli import main
+from deepclean.data import DEBIAN_FASHION_MNIST
+from deepclean.methods import available_methods
+
+
+def test_methods_lists_every_method_with_a_reference(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in available_methods():
+        assert name in out
+    assert "arXiv 2311.10448" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--methods", "deepclean,magic"], "unknown method 'magic'"),
+    (["run", "--model", "resnet1000"], "unknown model 'resnet1000'"),
+    (["run", "--scenarios", "half"], "unknown scenario 'half'"),
+    (["run", "--hp", "deepclean.gamma=-2"], "gamma must be"),
+    (["run", "--hp", "deepclean.wings=2"], "no hyperparameter ['wings']"),
+    (["run", "--dataset", "cifar10"], "--data-dir"),
+    (["run", "--forget-indices", "/nonexistent.json"], "does not exist"),
+])
+def test_bad_input_fails_fast_with_a_clear_message(argv, message, capsys, tmp_path):
+    argv = argv + ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "c").exists()  # nothing was trained
+
+
+def test_malformed_flag_values_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--hp", "gamma"])
+    assert "METHOD.NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_end_to_end_on_fashion_mnist(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["run", "--model", "small_cnn", "--width", "0.5", "--train-size", "3000",
+            "--epochs", "6", "--lr", "0.05", "--unlearn-epochs", "2", "--out", str(out),
+            "--cache-dir", str(cache), "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    results = {p.stem: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
+    expected = {f"fashion-mnist_small_cnn_{s}_{m}_seed0" for s in ("random", "class")
+                for m in ("original", "gold", "finetune", "deepclean")}
+    assert set(results) == expected
+    assert {p.name for p in (out / "splits").iterdir()} == {
+        "fashion-mnist_random_seed0.json", "fashion-mnist_class_seed0.json"}
+    assert len(list((out / "checkpoints").glob("*.safetensors"))) == 8
+    assert (out / "results.md").read_text().count("| deepclean |") == 2
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 9
+    manifest = json.loads((out / "splits" / "fashion-mnist_random_seed0.json").read_text())
+    assert manifest["n_forget"] == 300 and len(manifest["forget_indices"]) == 300
+
+    dc = results["fashion-mnist_small_cnn_class_deepclean_seed0"]
+    original = results["fashion-mnist_small_cnn_class_original_seed0"]
+    gold = results["fashion-mnist_small_cnn_class_gold_seed0"]
+    assert original["metrics"]["acc_forget"] > 50  # the original model knows class 0
+    assert dc["metrics"]["acc_forget"] <= gold["metrics"]["acc_forget"] + 5.0
+    assert dc["metrics"]["acc_retain"] >= original["metrics"]["acc_retain"] - 5.0
+    assert 0 < dc["n_reset"] < dc["n_weights"] and dc["time_s"] > 0
+
+    # the second run reuses the cached original and gold models and reproduces every metric
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert second.count("reused") == 3 and "training on" not in second
+    again = json.loads((out / "results" / "fashion-mnist_small_cnn_class_deepclean_seed0.json").read_text())
+    assert again["metrics"] == dc["metrics"]
+    assert "training on" in first

@@ -39,16 +39,17 @@ class NegGrad(Unlearner):
     ``alpha = 0`` (default) this is plain NegGrad and D_r is never read; with ``0 < alpha < 1`` it is
     NegGrad+, each forget batch paired with the next batch of an endless, reshuffled stream of D_r.
     One epoch is one pass over D_f. Cross-entropy ascent is unbounded, so the defaults are few, small
-    steps; plain SGD (momentum 0.9) or Adam, no weight decay, constant learning rate.
+    steps; Adam or SGD (momentum 0.9), no weight decay, constant learning rate.
 
     BatchNorm: with ``bn_stats="update"`` (default) the model trains in train mode and BatchNorm
     re-estimates its running statistics from the batches it sees (only D_f when ``alpha = 0``);
     ``bn_stats="freeze"`` keeps every BatchNorm layer in eval mode, its buffers bitwise unchanged.
 
     Hyperparameters:
-        epochs: passes over D_f. Default 2.
-        lr: learning rate. Default 1e-3 (SGD).
-        optimizer: ``"sgd"`` (momentum 0.9, default) or ``"adam"``.
+        epochs: passes over D_f. Default 3.
+        lr: learning rate. Default 1e-4.
+        optimizer: ``"adam"`` (default; its normalised steps move even when the loss on a memorised
+            D_f is near 0 and plain gradients vanish) or ``"sgd"`` (momentum 0.9).
         alpha: weight of the retain loss, in [0, 1). Default 0.0 (plain NegGrad).
         batch_size: samples per D_f batch (and per D_r batch). Default 64.
         bn_stats: ``"update"`` (default) or ``"freeze"``.
@@ -67,9 +68,9 @@ class NegGrad(Unlearner):
     def __init__(
         self,
         *,
-        epochs: int = 2,
-        lr: float = 1e-3,
-        optimizer: str = "sgd",
+        epochs: int = 3,
+        lr: float = 1e-4,
+        optimizer: str = "adam",
         alpha: float = 0.0,
         batch_size: int = 64,
         bn_stats: str = "update",

@@ -290,12 +290,26 @@ QUICK = {
 OURS = sorted(QUICK)
 
 
+@pytest.fixture(scope="module")
+def quick_run(memorised):
+    """``quick_run(name)``: the method (seed 0, :data:`QUICK` settings) and its result, run once."""
+    cache = {}
+
+    def run(name):
+        if name not in cache:
+            model, forget, retain = memorised
+            method = deepclean.make_method(name, seed=0, **QUICK[name])
+            cache[name] = (method, method.unlearn(model, forget, retain))
+        return cache[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", OURS)
-def test_method_contract_on_a_tiny_model(name, memorised):
+def test_method_contract_on_a_tiny_model(name, memorised, quick_run):
     model, forget, retain = memorised
     before = snapshot(model)
-    method = deepclean.make_method(name, seed=0, **QUICK[name])
-    first = method.unlearn(model, forget, retain)
+    method, first = quick_run(name)
     assert first is not model
     assert_same_state(model, before)
     assert not first.training
@@ -320,9 +334,9 @@ def test_method_with_frozen_batchnorm_leaves_its_buffers(name, memorised):
         assert torch.equal(value, original[key]), key
 
 
-def test_neggrad_raises_the_forget_loss(memorised):
+def test_neggrad_raises_the_forget_loss(memorised, quick_run):
     model, forget, retain = memorised
-    out = deepclean.NegGrad(**QUICK["neggrad"]).unlearn(model, forget, retain)
+    _, out = quick_run("neggrad")
     assert forget_loss_of(out, forget) > forget_loss_of(model, forget) + 1.0
     assert accuracy_of(out, forget) < 0.9
     plus = deepclean.NegGrad(alpha=0.5, **QUICK["neggrad"]).unlearn(model, forget, retain)
@@ -330,33 +344,31 @@ def test_neggrad_raises_the_forget_loss(memorised):
     assert accuracy_of(plus, retain) > accuracy_of(out, retain)
 
 
-def test_random_label_forgets_a_memorised_forget_set(memorised):
+def test_random_label_forgets_a_memorised_forget_set(memorised, quick_run):
     model, forget, retain = memorised
-    method = deepclean.RandomLabel(**QUICK["random_label"])
-    out = method.unlearn(model, forget, retain)
+    method, out = quick_run("random_label")
     assert accuracy_of(out, forget) < 0.5
     assert accuracy_of(out, retain) > 0.9
     assert method.info_["n_relabelled"] == N_FORGET
 
 
-def test_bad_teacher_forgets_and_keeps_the_retain_set(memorised):
+def test_bad_teacher_forgets_and_keeps_the_retain_set(memorised, quick_run):
     model, forget, retain = memorised
-    out = deepclean.BadTeacher(**QUICK["teacher"]).unlearn(model, forget, retain)
+    _, out = quick_run("teacher")
     assert accuracy_of(out, forget) < 0.7
     assert accuracy_of(out, retain) > accuracy_of(out, forget)
 
 
-def test_scrub_forgets_more_than_it_loses_on_the_retain_set(memorised):
+def test_scrub_forgets_more_than_it_loses_on_the_retain_set(memorised, quick_run):
     model, forget, retain = memorised
-    out = deepclean.SCRUB(**QUICK["scrub"]).unlearn(model, forget, retain)
+    _, out = quick_run("scrub")
     assert accuracy_of(out, forget) < 0.8
     assert accuracy_of(out, retain) > accuracy_of(out, forget) + 0.1
 
 
-def test_salun_moves_only_salient_weights(memorised):
+def test_salun_moves_only_salient_weights(memorised, quick_run):
     model, forget, retain = memorised
-    method = deepclean.SalUn(**QUICK["salun"])
-    out = method.unlearn(model, forget, retain)
+    method, out = quick_run("salun")
     mask = method.mask_
     assert method.info_["share_salient"] == pytest.approx(0.5, abs=1e-3)
     original = dict(model.named_parameters())
@@ -380,6 +392,22 @@ def test_saliency_mask_selects_the_largest_gradients(memorised):
     chosen = torch.cat([m.reshape(-1) for m in mask.values()])
     assert int(chosen.sum()) == round(0.25 * grads.numel())
     assert float(grads[chosen].min()) >= float(grads[~chosen].max()) * (1 - 1e-4)
+
+
+def test_random_label_with_classes_missing_from_the_forget_set(memorised):
+    model, forget, retain = memorised
+    x, y = forget.tensors
+    keep = y != 0  # D_f without class 0; its new labels must still never be the true ones
+    method = deepclean.RandomLabel(epochs=0)
+    method.unlearn(model, TensorDataset(x[keep], y[keep]), retain)
+    assert method.info_["n_relabelled"] == int(keep.sum())
+
+
+def test_bad_teacher_refuses_a_teacher_with_other_classes(memorised):
+    model, forget, retain = memorised
+    other = build_model("small_cnn", in_channels=1, num_classes=C + 1, width=0.25, seed=1)
+    with pytest.raises(DataError, match="classes"):
+        deepclean.BadTeacher(incompetent_teacher=other).unlearn(model, forget, retain)
 
 
 @pytest.mark.parametrize(

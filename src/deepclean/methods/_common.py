@@ -99,7 +99,7 @@ def endless_batches(
     generator: torch.Generator,
     device: torch.device,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Shuffled batches ``(index, x, y)`` forever: a fresh permutation from ``generator`` each pass."""
+    """Shuffled batches ``(index, x, y)`` forever; a new permutation from ``generator`` per pass."""
     while True:
         yield from iterate_batches(
             x, y, batch_size=batch_size, shuffle=True, generator=generator, device=device

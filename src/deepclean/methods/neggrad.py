@@ -1,4 +1,5 @@
-"""NegGrad: gradient ascent on the forget set, optionally with descent on the retain set (NegGrad+)."""
+"""NegGrad: gradient ascent on the forget set, optionally with descent on the retain set
+(NegGrad+)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,16 @@ __all__ = ["NegGrad"]
 class NegGrad(Unlearner):
     """NegGrad: maximise the cross-entropy of the forget set D_f by gradient ascent.
 
-    Papers: gradient ascent on D_f as an unlearning baseline (Golatkar et al., "Eternal Sunshine of
-    the Spotless Net", CVPR 2020; Thudi et al., "Unrolling SGD", EuroS&P 2022); the retain-regularised
-    variant NegGrad+ of Kurmanji et al. ("Towards Unbounded Machine Unlearning", NeurIPS 2023).
+    Papers: gradient ascent on D_f as an unlearning baseline (Golatkar et al., "Eternal Sunshine
+    of the Spotless Net", CVPR 2020; Thudi et al., "Unrolling SGD", EuroS&P 2022); the
+    retain-regularised variant NegGrad+ of Kurmanji et al. ("Towards Unbounded Machine
+    Unlearning", NeurIPS 2023).
 
     Each step minimises ``(1 - alpha) * (-CE(D_f batch)) + alpha * CE(D_r batch)``. With
-    ``alpha = 0`` (default) this is plain NegGrad and D_r is never read; with ``0 < alpha < 1`` it is
-    NegGrad+, each forget batch paired with the next batch of an endless, reshuffled stream of D_r.
-    One epoch is one pass over D_f. Cross-entropy ascent is unbounded, so the defaults are few, small
-    steps; Adam or SGD (momentum 0.9), no weight decay, constant learning rate.
+    ``alpha = 0`` (default) this is plain NegGrad and D_r is never read; with ``0 < alpha < 1``
+    it is NegGrad+, each forget batch paired with the next batch of an endless, reshuffled stream
+    of D_r. One epoch is one pass over D_f. Cross-entropy ascent is unbounded, so the defaults are
+    few, small steps; Adam or SGD (momentum 0.9), no weight decay, constant learning rate.
 
     BatchNorm: with ``bn_stats="update"`` (default) the model trains in train mode and BatchNorm
     re-estimates its running statistics from the batches it sees (only D_f when ``alpha = 0``);

@@ -1,4 +1,5 @@
-"""RandomLabel (Graves et al., AAAI 2021): train on D_f relabelled with random wrong labels and D_r."""
+"""RandomLabel (Graves et al., AAAI 2021): train on D_f relabelled with random wrong labels,
+together with D_r."""
 
 from __future__ import annotations
 
@@ -17,51 +18,50 @@ from deepclean.methods.base import (
 __all__ = ["RandomLabel", "random_wrong_labels", "wrong_label_distribution"]
 
 
-def _water_fill(caps: torch.Tensor) -> torch.Tensor:
-    """The most uniform distribution ``t`` with ``t_j <= caps_j`` (``sum(caps) >= 1``):
-    ``t_j = min(caps_j, level)`` with the level that makes ``t`` sum to 1."""
-    order = torch.sort(caps).values
-    c = caps.numel()
-    used = 0.0
-    level = 1.0 / c
-    for k in range(c):
-        level = (1.0 - used) / (c - k)
-        if order[k] >= level:
-            break
-        used += float(order[k])
-    return torch.minimum(caps, torch.full_like(caps, level))
-
-
 def wrong_label_distribution(
     labels: torch.Tensor, num_classes: int, *, balanced: bool = True
 ) -> torch.Tensor:
-    """The ``(num_classes, num_classes)`` matrix ``q[i, j]`` = probability that a sample of true class
-    ``i`` gets the new label ``j``; the diagonal is exactly 0 (a label never stays).
+    """The ``(num_classes, num_classes)`` matrix ``q[i, j]``: the probability that a sample of
+    true class ``i`` gets the new label ``j``; the diagonal is exactly 0 (a label never stays).
 
     ``balanced=False``: ``q[i, j] = 1 / (C - 1)`` for every ``j != i`` (uniform over the wrong
     classes, per sample). ``balanced=True`` (default): among all conditionals with a zero diagonal,
-    the one whose label marginal over ``labels`` is as uniform as possible (water-filling: uniform
-    over all C classes unless one class holds more than ``(C - 1) / C`` of the samples), and among
-    those the maximum-entropy one (Sinkhorn scaling of the off-diagonal ones matrix, float64).
+    the one whose label marginal over ``labels`` is as uniform as possible, and among those the
+    maximum-entropy one. The marginal is uniform over all C classes (Sinkhorn scaling of the
+    off-diagonal ones matrix, float64) unless one class holds more than ``(C - 1) / C`` of the
+    samples; then that class cannot get its share, every other sample is relabelled to it and its
+    own samples are spread uniformly over the other classes (a D_f of one class: uniform).
     For a D_f spread evenly over all classes, or a D_f of a single class, both choices coincide;
     they differ when D_f covers some classes only, where the per-sample uniform rule would push
     most of D_f towards the classes it does not contain.
     """
     if num_classes < 2:
-        raise DataError(f"random wrong labels need at least 2 classes, got num_classes={num_classes}")
+        raise DataError(
+            f"random wrong labels need at least 2 classes, got num_classes={num_classes}"
+        )
     off = 1.0 - torch.eye(num_classes, dtype=torch.float64)
     if not balanced:
         return off / (num_classes - 1)
     counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).to(torch.float64)
+    if float(counts.sum()) == 0:
+        return off / (num_classes - 1)
     prior = counts / counts.sum()
-    target = _water_fill(1.0 - prior)
+    top = int(prior.argmax())
+    if float(prior[top]) > (num_classes - 1) / num_classes:
+        # Class ``top`` cannot receive its share 1/C: the most uniform marginal gives it all the
+        # other samples (1 - prior[top]) and spreads class ``top`` evenly over the other classes.
+        q = off / (num_classes - 1)
+        others = torch.arange(num_classes) != top
+        q[others] = 0.0
+        q[others, top] = 1.0
+        return q
+    target = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
     u = torch.ones(num_classes, dtype=torch.float64)
     v = torch.ones(num_classes, dtype=torch.float64)
     tiny = torch.finfo(torch.float64).tiny
-    for _ in range(10_000):
+    for _ in range(5_000):  # Sinkhorn scaling: rows sum to the prior, columns to 1/C
         u = prior / (off @ v).clamp_min(tiny)
-        col = off.T @ u
-        v = torch.where(target > 0, target / col.clamp_min(tiny), torch.zeros_like(target))
+        v = target / (off.T @ u).clamp_min(tiny)
         flow = u[:, None] * off * v[None, :]
         if float((flow.sum(1) - prior).abs().max()) < 1e-12:
             break
@@ -83,7 +83,8 @@ def random_wrong_labels(
     Every sample gets a label different from its own (never its true label); the draws come only
     from ``generator`` (CPU), independently per sample, from :func:`wrong_label_distribution`. With
     ``balanced=True`` (default) the new labels are as evenly spread over all ``num_classes`` classes
-    as that rule allows, e.g. a D_f of classes {1, 2} out of 3 gets about a third of each of 0, 1, 2.
+    as that rule allows, e.g. a D_f of classes {1, 2} out of 3 gets about a third each of 0, 1
+    and 2.
 
     Args:
         labels: int64 true labels ``(N,)`` in ``[0, num_classes)``.

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches
-from deepclean.errors import ConfigurationError
+from deepclean.errors import ConfigurationError, DataError
 from deepclean.masking import BN_STATS
 from deepclean.methods._common import check_choice, check_fraction, frozen_copy, set_train_mode
 from deepclean.methods.base import (
@@ -47,6 +47,11 @@ def bad_teacher_targets(
         if bool(rows.any()):
             parts[flag] = teacher_probabilities(teacher, x[rows], temperature)
     first = next(iter(parts.values()))
+    if len(parts) == 2 and parts[True].shape[1] != parts[False].shape[1]:
+        raise DataError(
+            f"the incompetent teacher outputs {parts[True].shape[1]} classes but the model "
+            f"{parts[False].shape[1]}; expected the same classes (same architecture)"
+        )
     out = torch.empty((x.shape[0], first.shape[1]), dtype=first.dtype, device=first.device)
     for flag, probs in parts.items():
         out[is_forget if flag else ~is_forget] = probs
@@ -62,18 +67,20 @@ class BadTeacher(Unlearner):
 
     The competent teacher is a frozen copy of the original model; the incompetent teacher a frozen
     copy with every layer re-initialised (:func:`deepclean.methods.retrain.reinitialise`, seed
-    stream 3; BatchNorm statistics reset) unless ``incompetent_teacher`` is given. The student starts
-    as a copy of the original model and is trained on D_f together with a random ``retain_fraction``
-    of D_r (the paper's 30 %, seed stream 2), shuffled together (stream 0): each sample's target is the
-    incompetent teacher's softened output if it belongs to D_f and the competent teacher's if it
-    belongs to D_r (:func:`bad_teacher_targets`, computed on the same batch the student sees); the
-    loss is ``KL(target || student)`` with batch-mean reduction and temperature ``T``
-    (:func:`deepclean.methods.losses.distillation_kl`). Adam without weight decay, constant ``lr``.
+    stream 3; BatchNorm statistics reset) unless ``incompetent_teacher`` is given. The student
+    starts as a copy of the original model and is trained on D_f together with a random
+    ``retain_fraction`` of D_r (the paper's 30 %, seed stream 2), shuffled together (stream 0):
+    each sample's target is the incompetent teacher's softened output if it belongs to D_f and the
+    competent teacher's if it belongs to D_r (:func:`bad_teacher_targets`, computed on the very
+    batch the student sees); the loss is ``KL(target || student)`` with batch-mean reduction and
+    temperature ``T`` (:func:`deepclean.methods.losses.distillation_kl`). Adam without weight
+    decay, constant ``lr``.
     The timed step is building the teachers and the training.
 
-    BatchNorm: both teachers always run in eval mode (buffers bitwise unchanged). The student trains
-    in train mode and with ``bn_stats="update"`` (default) re-estimates its running statistics on the
-    mixed batches; ``bn_stats="freeze"`` keeps the student's BatchNorm in eval mode.
+    BatchNorm: both teachers always run in eval mode (buffers bitwise unchanged). The student
+    trains in train mode and with ``bn_stats="update"`` (default) re-estimates its running
+    statistics on the mixed batches; ``bn_stats="freeze"`` keeps the student's BatchNorm in eval
+    mode.
 
     Hyperparameters (defaults = the paper's code):
         epochs: passes over D_f + the retain subset. Default 1.

@@ -220,7 +220,7 @@ def test_scrub_pairs_every_target_with_its_own_sample(monkeypatch):
     assert not torch.equal(out.lin.weight, model.lin.weight)
 
 
-def test_bad_teacher_default_incompetent_teacher_is_a_fresh_network():
+def test_bad_teacher_default_incompetent_teacher_is_a_fresh_network(monkeypatch):
     forget, retain, _, _ = id_data()
     model = build_model("small_cnn", in_channels=1, num_classes=N_CLASSES, width=0.25, seed=0)
     teachers = []
@@ -230,12 +230,8 @@ def test_bad_teacher_default_incompetent_teacher_is_a_fresh_network():
         teachers.append((competent, incompetent))
         return real(competent, incompetent, x, is_forget, temperature=temperature)
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(teacher_module, "bad_teacher_targets", spy)
-    try:
-        deepclean.BadTeacher(seed=3).unlearn(model, forget, retain)
-    finally:
-        mp.undo()
+    monkeypatch.setattr(teacher_module, "bad_teacher_targets", spy)
+    deepclean.BadTeacher(seed=3).unlearn(model, forget, retain)
     competent, incompetent = teachers[0]
     original = model.state_dict()
     for key, value in competent.state_dict().items():

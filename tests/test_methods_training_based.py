@@ -245,17 +245,17 @@ def test_bad_teacher_default_incompetent_teacher_is_a_fresh_network(monkeypatch)
 
 # ----------------------------------------------------------------------------- per method
 
-N_TOTAL, N_FORGET, C = 200, 40, 4
+N_TOTAL, N_FORGET, C = 160, 32, 4
 
 
 @pytest.fixture(scope="module")
 def memorised():
-    """A small CNN with BatchNorm that memorised 200 noise images with random labels."""
+    """A small CNN with BatchNorm that memorised 160 noise images with random labels."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N_TOTAL, 1, 8, 8, generator=gen)
     y = torch.randint(0, C, (N_TOTAL,), generator=gen)
     model = build_model("small_cnn", in_channels=1, num_classes=C, width=0.25, seed=0)
-    train_model(model, x, y, TrainConfig(epochs=30, lr=0.05, batch_size=32, weight_decay=0.0),
+    train_model(model, x, y, TrainConfig(epochs=24, lr=0.05, batch_size=32, weight_decay=0.0),
                 seed=0, progress=False)
     forget = TensorDataset(x[:N_FORGET], y[:N_FORGET])
     retain = TensorDataset(x[N_FORGET:], y[N_FORGET:])

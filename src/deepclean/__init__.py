@@ -18,9 +18,14 @@ from deepclean.errors import (
 from deepclean.fisher import fisher_diagonal, fisher_diagonal_reference
 from deepclean.masking import masked_finetune
 from deepclean.methods import (
+    SCRUB,
+    BadTeacher,
     DeepClean,
     FineTune,
+    NegGrad,
+    RandomLabel,
     Retrain,
+    SalUn,
     Unlearner,
     ZeroWeights,
     available_methods,
@@ -51,6 +56,11 @@ __all__ = [
     "ZeroWeights",
     "FineTune",
     "Retrain",
+    "NegGrad",
+    "RandomLabel",
+    "BadTeacher",
+    "SCRUB",
+    "SalUn",
     "available_methods",
     "make_method",
     "register_method",

@@ -9,7 +9,13 @@ from deepclean.methods.base import (
 )
 from deepclean.methods.deepclean import DeepClean, ZeroWeights, reset_weights
 from deepclean.methods.finetune import FineTune
+from deepclean.methods.losses import distillation_kl, teacher_probabilities
+from deepclean.methods.neggrad import NegGrad
+from deepclean.methods.random_label import RandomLabel, random_wrong_labels
 from deepclean.methods.retrain import Retrain, reinitialise
+from deepclean.methods.salun import SalUn, saliency_mask
+from deepclean.methods.scrub import SCRUB
+from deepclean.methods.teacher import BadTeacher, bad_teacher_targets
 
 __all__ = [
     "Unlearner",
@@ -23,4 +29,14 @@ __all__ = [
     "Retrain",
     "reset_weights",
     "reinitialise",
+    "NegGrad",
+    "RandomLabel",
+    "BadTeacher",
+    "SCRUB",
+    "SalUn",
+    "random_wrong_labels",
+    "saliency_mask",
+    "bad_teacher_targets",
+    "distillation_kl",
+    "teacher_probabilities",
 ]

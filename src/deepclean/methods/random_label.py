@@ -1,0 +1,190 @@
+"""RandomLabel (Graves et al., AAAI 2021): train on D_f relabelled with random wrong labels,
+together with D_r."""
+
+from __future__ import annotations
+
+import torch
+
+from deepclean.errors import DataError
+from deepclean.masking import BN_STATS, masked_finetune
+from deepclean.methods._common import check_choice, check_labels, num_classes_of
+from deepclean.methods.base import (
+    Unlearner,
+    check_non_negative_int,
+    check_positive,
+    register_method,
+)
+
+__all__ = ["RandomLabel", "random_wrong_labels", "wrong_label_distribution"]
+
+
+def wrong_label_distribution(
+    labels: torch.Tensor, num_classes: int, *, balanced: bool = True
+) -> torch.Tensor:
+    """The ``(num_classes, num_classes)`` matrix ``q[i, j]``: the probability that a sample of
+    true class ``i`` gets the new label ``j``; the diagonal is exactly 0 (a label never stays).
+
+    ``balanced=False``: ``q[i, j] = 1 / (C - 1)`` for every ``j != i`` (uniform over the wrong
+    classes, per sample). ``balanced=True`` (default): among all conditionals with a zero diagonal,
+    the one whose label marginal over ``labels`` is as uniform as possible, and among those the
+    maximum-entropy one. The marginal is uniform over all C classes (Sinkhorn scaling of the
+    off-diagonal ones matrix, float64) unless one class holds more than ``(C - 1) / C`` of the
+    samples; then that class cannot get its share, every other sample is relabelled to it and its
+    own samples are spread uniformly over the other classes (a D_f of one class: uniform).
+    For a D_f spread evenly over all classes, or a D_f of a single class, both choices coincide;
+    they differ when D_f covers some classes only, where the per-sample uniform rule would push
+    most of D_f towards the classes it does not contain.
+    """
+    if num_classes < 2:
+        raise DataError(
+            f"random wrong labels need at least 2 classes, got num_classes={num_classes}"
+        )
+    off = 1.0 - torch.eye(num_classes, dtype=torch.float64)
+    if not balanced:
+        return off / (num_classes - 1)
+    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).to(torch.float64)
+    if float(counts.sum()) == 0:
+        return off / (num_classes - 1)
+    prior = counts / counts.sum()
+    top = int(prior.argmax())
+    if float(prior[top]) > (num_classes - 1) / num_classes:
+        # Class ``top`` cannot receive its share 1/C: the most uniform marginal gives it all the
+        # other samples (1 - prior[top]) and spreads class ``top`` evenly over the other classes.
+        q = off / (num_classes - 1)
+        others = torch.arange(num_classes) != top
+        q[others] = 0.0
+        q[others, top] = 1.0
+        return q
+    target = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    u = torch.ones(num_classes, dtype=torch.float64)
+    v = torch.ones(num_classes, dtype=torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    for _ in range(5_000):  # Sinkhorn scaling: rows sum to the prior, columns to 1/C
+        u = prior / (off @ v).clamp_min(tiny)
+        v = target / (off.T @ u).clamp_min(tiny)
+        flow = u[:, None] * off * v[None, :]
+        if float((flow.sum(1) - prior).abs().max()) < 1e-12:
+            break
+    flow = u[:, None] * off * v[None, :]
+    rows = flow.sum(1, keepdim=True)
+    q = torch.where(rows > 0, flow / rows.clamp_min(tiny), off / (num_classes - 1))
+    return q
+
+
+def random_wrong_labels(
+    labels: torch.Tensor,
+    num_classes: int,
+    generator: torch.Generator,
+    *,
+    balanced: bool = True,
+) -> torch.Tensor:
+    """New labels for ``labels``, each drawn at random from the *other* classes.
+
+    Every sample gets a label different from its own (never its true label); the draws come only
+    from ``generator`` (CPU), independently per sample, from :func:`wrong_label_distribution`. With
+    ``balanced=True`` (default) the new labels are as evenly spread over all ``num_classes`` classes
+    as that rule allows, e.g. a D_f of classes {1, 2} out of 3 gets about a third each of 0, 1
+    and 2.
+
+    Args:
+        labels: int64 true labels ``(N,)`` in ``[0, num_classes)``.
+        num_classes: number of classes C (at least 2).
+        generator: the source of randomness.
+        balanced: see :func:`wrong_label_distribution`.
+
+    Returns:
+        int64 labels ``(N,)`` on the device of ``labels``.
+
+    Raises:
+        DataError: fewer than 2 classes, or a label outside ``[0, num_classes)``.
+    """
+    if labels.ndim != 1:
+        raise DataError(f"expected labels of shape (N,), got {tuple(labels.shape)}")
+    check_labels(labels, num_classes, "label tensor")
+    if labels.numel() == 0:
+        return labels.clone().long()
+    cpu = labels.cpu().long()
+    q = wrong_label_distribution(cpu, num_classes, balanced=balanced)
+    new = torch.multinomial(q[cpu], 1, replacement=True, generator=generator).squeeze(1)
+    return new.to(labels.device)
+
+
+def relabelled_union(
+    model: torch.nn.Module,
+    xf: torch.Tensor,
+    yf: torch.Tensor,
+    xr: torch.Tensor,
+    yr: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, y, new_forget_labels)``: D_f with random wrong labels followed by D_r as it is."""
+    num_classes = num_classes_of(model, xf, device)
+    check_labels(yf, num_classes, "forget set D_f")
+    check_labels(yr, num_classes, "retain set D_r")
+    new = random_wrong_labels(yf, num_classes, generator)
+    x = torch.cat([xf, xr.to(xf.device)])
+    y = torch.cat([new.to(yf.device), yr.to(yf.device)])
+    return x, y, new
+
+
+@register_method
+class RandomLabel(Unlearner):
+    """RandomLabel: fine-tune on D_f relabelled with random wrong labels together with D_r.
+
+    Paper: Graves, Nagisetty, Ganesh, "Amnesiac Machine Learning", AAAI 2021 (the "unlearning"
+    baseline that relabels the sensitive data with randomly selected incorrect labels and trains for
+    a few iterations on it and the remaining data).
+
+    Steps: (1) draw once, from the method's seed, a wrong label for every D_f sample
+    (:func:`random_wrong_labels`, never the true label; the number of classes is read from the
+    model's output); (2) fine-tune every weight on the union of relabelled D_f and D_r, shuffled
+    together: cross-entropy, Adam (no weight decay), cosine annealing from ``lr`` (DeepClean's
+    optimiser, via :func:`deepclean.masking.masked_finetune` without a mask). The timed step is (1)
+    and (2).
+
+    BatchNorm: ``bn_stats="update"`` (default) trains in train mode and re-estimates the running
+    statistics on the mixed batches; ``"freeze"`` keeps BatchNorm in eval mode, buffers unchanged.
+
+    Hyperparameters:
+        epochs: passes over D_f + D_r. Default 2.
+        lr: initial Adam learning rate. Default 1e-3.
+        batch_size: samples per step. Default 128.
+        bn_stats: ``"update"`` (default) or ``"freeze"``.
+        seed: seeds the labels (stream 1) and the shuffling (stream 0).
+
+    After :meth:`unlearn`, ``info_["n_relabelled"]`` is the size of D_f.
+    """
+
+    name = "random_label"
+    summary = "Fine-tune on D_f with random wrong labels together with D_r"
+    reference = "Graves et al., Amnesiac Machine Learning, AAAI 2021"
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 2,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        bn_stats: str = "update",
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(seed=seed, device=device, progress=progress)
+        check_positive(lr=lr, batch_size=batch_size)
+        check_non_negative_int(epochs=epochs, batch_size=batch_size)
+        check_choice("bn_stats", bn_stats, BN_STATS)
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.bn_stats = bn_stats
+
+    def _unlearn(self, model, xf, yf, xr, yr, device):
+        x, y, new = relabelled_union(model, xf, yf, xr, yr, self.generator(1), device)
+        self.info_.update(n_relabelled=int(new.numel()))
+        return masked_finetune(
+            model, None, x, y, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+            generator=self.generator(0), device=device, bn_stats=self.bn_stats,
+            desc=self.name, progress=self.progress,
+        )

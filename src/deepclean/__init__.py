@@ -20,13 +20,18 @@ from deepclean.masking import masked_finetune
 from deepclean.methods import (
     DeepClean,
     FineTune,
+    FisherForgetting,
+    LCodec,
     Retrain,
+    SparseMU,
+    SSD,
     Unlearner,
     ZeroWeights,
     available_methods,
     make_method,
     register_method,
     reset_weights,
+    true_fisher_diagonal,
 )
 from deepclean.metrics import accuracy, entropy, entropy_mia, membership_attack, predict_proba
 from deepclean.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
@@ -51,6 +56,11 @@ __all__ = [
     "ZeroWeights",
     "FineTune",
     "Retrain",
+    "FisherForgetting",
+    "SparseMU",
+    "LCodec",
+    "SSD",
+    "true_fisher_diagonal",
     "available_methods",
     "make_method",
     "register_method",

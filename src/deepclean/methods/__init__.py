@@ -9,7 +9,15 @@ from deepclean.methods.base import (
 )
 from deepclean.methods.deepclean import DeepClean, ZeroWeights, reset_weights
 from deepclean.methods.finetune import FineTune
+from deepclean.methods.fisher_forgetting import (
+    FisherForgetting,
+    true_fisher_diagonal,
+    true_fisher_diagonal_reference,
+)
+from deepclean.methods.lcodec import LCodec
 from deepclean.methods.retrain import Retrain, reinitialise
+from deepclean.methods.sparse_mu import SparseMU
+from deepclean.methods.ssd import SSD
 
 __all__ = [
     "Unlearner",
@@ -21,6 +29,12 @@ __all__ = [
     "ZeroWeights",
     "FineTune",
     "Retrain",
+    "FisherForgetting",
+    "SparseMU",
+    "LCodec",
+    "SSD",
+    "true_fisher_diagonal",
+    "true_fisher_diagonal_reference",
     "reset_weights",
     "reinitialise",
 ]

@@ -151,7 +151,8 @@ class FisherForgetting(Unlearner):
     The paper's optimal scrubbing (its Proposition and section 4) for a quadratic loss adds noise of
     covariance proportional to ``B^{-1/2}``, B the Hessian of the D_r loss, approximated by the true
     Fisher F of D_r (diagonal, :func:`true_fisher_diagonal`); the Newton term ``-B^{-1} grad`` is
-    dropped, as in the paper's deep-network experiments and every public implementation. Per weight::
+    dropped, as in the paper's deep-network experiments and every public implementation.
+    Per weight::
 
         form="paper":  w <- w + sqrt(alpha * min((F + eps)^(-1/2), clamp)) * n
                           = w + sqrt(alpha) * F^(-1/4) * n      (unclamped)
@@ -169,7 +170,8 @@ class FisherForgetting(Unlearner):
         form: ``"paper"`` (covariance ~ F^-1/2, default) or ``"code"`` (covariance ~ F^-1).
         clamp: upper bound of ``F^-1/2`` (paper form) or ``1/F`` (code form). Default 1e3.
         eps: added to F before inverting. Default 1e-8.
-        fisher_batch_size: batch size of the Fisher passes (does not change the result). Default 256.
+        fisher_batch_size: batch size of the Fisher passes (does not change the result).
+            Default 256.
         seed: seeds the noise.
 
     Timed region: the true Fisher on D_r (K per-sample-gradient passes over D_r for K classes) and

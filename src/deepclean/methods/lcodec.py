@@ -13,8 +13,8 @@ mean pre-activation of every unit (over the batch and the spatial positions) and
 FOCI orders units by CODEC, T(loss, unit | units already chosen), and stops when no unit adds
 dependence (T <= 0, the paper's early stop) or a budget is reached. Differences: features are
 standardised (as in the FOCI R package of Azadkia & Chatterjee); ties between nearest neighbours
-are broken at random from the method's seed (the estimator's definition); the selection is bounded by
-``max_units`` and by ``max_parameters`` (the total size of the selected filters/neurons), so
+are broken at random from the method's seed (the estimator's definition); the selection is bounded
+by ``max_units`` and by ``max_parameters`` (the total size of the selected filters/neurons), so
 the Hessian below stays small.
 
 Newton step: with the loss averaged over D_r and the model (approximately) at a minimum of the loss
@@ -28,9 +28,9 @@ The authors' code estimates it from gradients *saved during training* (finite di
 the last two epochs, a rank-one matrix); here it is the **exact generalised Gauss-Newton matrix**
 (= the true Fisher for softmax cross-entropy, positive semi-definite) of the D_r loss on S,
 ``(1/N) sum_n sum_k p_k(x_n) g_nk g_nk^T`` with ``g_nk = grad_S log p_k(x_n)``, computed from
-per-sample gradients at the trained weights on ``hessian_samples`` samples of D_r. It therefore needs
-**no information from training time** and runs on any trained model. What is approximated: the
-Hessian by its Gauss-Newton part (the term with second derivatives of the network is dropped; it is
+per-sample gradients at the trained weights on ``hessian_samples`` samples of D_r. It therefore
+needs **no information from training time** and runs on any trained model. What is approximated:
+the Hessian by its Gauss-Newton part (the term with second derivatives of the network is dropped; it is
 what makes the exact Hessian indefinite away from a minimum), the Hessian's average over D_r by a
 random subsample (exact when ``hessian_samples`` >= |D_r|), and every coordinate outside S by "no
 change". The paper's certified-removal noise (calibrated from epsilon, delta and Lipschitz

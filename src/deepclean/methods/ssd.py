@@ -40,7 +40,8 @@ class SSD(Unlearner):
     """Selective Synaptic Dampening (Foster et al., AAAI 2024): shrink the weights that are much
     more important to D_f than to the training data, without any training.
 
-    Importances are diagonals of the empirical Fisher, computed with :func:`deepclean.fisher_diagonal`:
+    Importances are diagonals of the empirical Fisher, computed with
+    :func:`deepclean.fisher_diagonal`:
     the *mean over samples of the per-sample squared gradient* of the log-likelihood at the true
     label (BatchNorm in eval mode). The authors' code instead squares mini-batch *mean* gradients
     and averages over batches, which depends on the batch size; the per-sample form is the Fisher
@@ -55,7 +56,8 @@ class SSD(Unlearner):
         alpha: selection threshold. Default 10 (paper, CIFAR).
         lam: dampening constant lambda. Default 1 (paper).
         reference_set: ``"full"`` (default) or ``"retain"``.
-        fisher_batch_size: batch size of the Fisher passes (does not change the result). Default 256.
+        fisher_batch_size: batch size of the Fisher passes (does not change the result).
+            Default 256.
         seed: unused (SSD is deterministic); kept for the common interface.
 
     Timed region: the two Fisher passes (D_f and D_r) and the dampening. ``info_`` holds

@@ -30,8 +30,8 @@ the last two epochs, a rank-one matrix); here it is the **exact generalised Gaus
 ``(1/N) sum_n sum_k p_k(x_n) g_nk g_nk^T`` with ``g_nk = grad_S log p_k(x_n)``, computed from
 per-sample gradients at the trained weights on ``hessian_samples`` samples of D_r. It therefore
 needs **no information from training time** and runs on any trained model. What is approximated:
-the Hessian by its Gauss-Newton part (the term with second derivatives of the network is dropped; it is
-what makes the exact Hessian indefinite away from a minimum), the Hessian's average over D_r by a
+the Hessian by its Gauss-Newton part (the term with second derivatives of the network is dropped;
+it is what makes the exact Hessian indefinite away from a minimum), the Hessian's average over D_r by a
 random subsample (exact when ``hessian_samples`` >= |D_r|), and every coordinate outside S by "no
 change". The paper's certified-removal noise (calibrated from epsilon, delta and Lipschitz
 constants that hold only for strongly convex losses) is an opt-in: Gaussian noise of standard

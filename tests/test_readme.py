@@ -1,0 +1,20 @@
+"""The README's library example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_library_example_runs(capsys):
+    text = README.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the README has no python example"
+    exec(compile(blocks[0], "README.md", "exec"), {})  # noqa: S102 - our own README
+    out = capsys.readouterr().out
+    assert "n_reset" in out and "D_f: accuracy" in out
+
+
+def test_readme_states_the_two_commands():
+    text = README.read_text()
+    assert "make demo" in text and "make test" in text

@@ -326,6 +326,7 @@ class _FisherPass:
         self.per_sample: dict[nn.Parameter, torch.Tensor] = {}
         self.uses: dict[nn.Parameter, int] = {}
         self.handles = []
+        self.recording = False  # only the model's own forward pass is recorded
         for module in model.modules():
             own = {k: p for k, p in module.named_parameters(recurse=False) if p in names}
             if own:
@@ -337,13 +338,15 @@ class _FisherPass:
             h.remove()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self.recording:
+            return
         if not isinstance(output, torch.Tensor) or len(inputs) != 1:
             raise ConfigurationError(
                 f"{type(module).__name__}: expected one tensor input and one tensor output for a "
                 f"module that owns parameters, got {len(inputs)} inputs and "
                 f"{type(output).__name__}. Wrap the layer so it takes and returns one tensor."
             )
-        if not output.requires_grad or not torch.is_grad_enabled():
+        if not output.requires_grad:
             return
         own = self.own[module]
         for p in own.values():
@@ -417,7 +420,11 @@ class _FisherPass:
     def run(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> None:
         self.calls, self.deferred, self.per_sample, self.uses = [], [], {}, {}
         try:
-            logits = model(xb)
+            self.recording = True
+            try:
+                logits = model(xb)
+            finally:
+                self.recording = False
             if logits.ndim != 2:
                 raise DataError(f"expected logits of shape (B, K), got {tuple(logits.shape)}")
             if int(yb.min()) < 0 or int(yb.max()) >= logits.shape[1]:

@@ -17,12 +17,14 @@ backward pass plus one layer's workspace:
 
 - ``nn.Linear`` on ``(B, in)`` inputs: ``sum_n (g_n x_n^T)^2 = (g^2)^T (x^2)``, one matmul;
   on ``(B, ..., in)`` inputs the per-sample gradients by a batched matmul.
-- ``nn.Conv2d`` with a large output map (``L = H_out * W_out >= 64``): the per-sample weight
-  gradients of a few samples at a time are the weight gradient of one grouped convolution whose
-  groups are the samples (the backend's own convolution-backward kernel), squared and summed.
-- ``nn.Conv2d`` with a small output map: per-sample gradients ``g_n @ unfold(x_n)^T`` by a
-  batched matmul over chunks of samples sized to stay in cache, squared in place and summed
-  (1x1 convolutions skip the unfold: their columns are the input itself).
+- ``nn.Conv2d``, by one of three exact contractions chosen from the output-map size
+  ``L = H_out * W_out``: for ``L >= 128`` the per-sample weight gradients of 16 samples at a time
+  are the weight gradient of one grouped convolution whose groups are the samples (the backend's
+  own convolution-backward kernel), squared and summed; for ``L <= 4`` the identity
+  ``sum_n (G_n U_n^T)^2 = sum_n sum_{l <= l'} c_ll' (g_l g_l') (u_l u_l')^T`` turns the sum of
+  squares into one large matmul over (sample, position pair) (clamped at 0 against rounding);
+  otherwise per-sample gradients ``G_n @ unfold(x_n)^T`` by a batched matmul over chunks of
+  samples, squared in place and summed. 1x1 convolutions skip the unfold.
 - ``nn.BatchNorm*`` in eval mode: ``sum_{spatial} g * x_hat`` and ``sum_{spatial} g`` per
   channel, as batched dot products.
 - Any other module that owns parameters goes through a generic exact path: per-sample

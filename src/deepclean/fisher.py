@@ -7,21 +7,37 @@ For a data set D and every trainable weight w_i::
 with the *true* label y and the *per-sample* gradient squared before averaging (not the square of
 a mini-batch mean gradient, which depends on the batch size).
 
-Fast exact path. One batched forward pass records each layer's input; one backward pass to the
-layer outputs only (no weight gradients are formed) gives each sample's gradient with respect to
-each layer output. Per layer, the squared per-sample weight gradients are then summed in closed
-form:
+Fast exact path. Per batch, one batched forward pass records each parameterised layer call's
+input and the autograd edge of its output. One backward pass then runs to those outputs only: it
+forms neither weight gradients nor the gradient of the model input. As soon as the gradient with
+respect to a layer's output arrives (a tensor hook, during the backward pass), the sum over the
+batch of the squared per-sample weight gradients of that layer is formed in closed form and the
+layer's input and output gradient are released, so memory peaks no higher than in a plain
+backward pass plus one layer's workspace:
 
-- ``nn.Linear`` on ``(B, in)`` inputs: ``sum_n (g_n x_n^T)^2 = (g^2)^T (x^2)``, one matmul.
-- ``nn.Conv2d``: per-sample gradients ``g_n @ unfold(x_n)^T`` by a batched matmul, squared, summed.
-- ``nn.BatchNorm*`` in eval mode: ``sum_{spatial} g * x_hat`` and ``sum_{spatial} g`` per channel.
-- Any other module that owns parameters (and parameters used by more than one call) goes through
-  a generic exact path: per-sample vector-Jacobian products of that module with ``torch.func``,
-  announced once by a warning that names the module type. Nothing is approximated.
+- ``nn.Linear`` on ``(B, in)`` inputs: ``sum_n (g_n x_n^T)^2 = (g^2)^T (x^2)``, one matmul;
+  on ``(B, ..., in)`` inputs the per-sample gradients by a batched matmul.
+- ``nn.Conv2d``, by one of three exact contractions chosen from the output-map size
+  ``L = H_out * W_out``: for ``L >= 128`` the per-sample weight gradients of 16 samples at a time
+  are the weight gradient of one grouped convolution whose groups are the samples (the backend's
+  own convolution-backward kernel), squared and summed; for ``L <= 4`` the identity
+  ``sum_n (G_n U_n^T)^2 = sum_n sum_{l <= l'} c_ll' (g_l g_l') (u_l u_l')^T`` turns the sum of
+  squares into one large matmul over (sample, position pair) (clamped at 0 against rounding);
+  otherwise per-sample gradients ``G_n @ unfold(x_n)^T`` by a batched matmul over chunks of
+  samples, squared in place and summed. 1x1 convolutions skip the unfold.
+- ``nn.BatchNorm*`` in eval mode: ``sum_{spatial} g * x_hat`` and ``sum_{spatial} g`` per
+  channel, as batched dot products.
+- Any other module that owns parameters goes through a generic exact path: per-sample
+  vector-Jacobian products of that module with ``torch.func``, announced once per module type by
+  a warning that names it. Nothing is approximated.
+- A parameter used by more than one module call (shared weights) accumulates its per-sample
+  gradient over the calls first and is squared after the backward pass.
 
 BatchNorm and dropout run in eval mode meanwhile (per-sample gradients under train-mode BatchNorm
 are ill-defined, and its running statistics would change); the model's modes, parameters and
-buffers are exactly as before afterwards.
+buffers are exactly as before afterwards. Scaling: the loss is the *sum* over the batch of
+``log p(y | x)``, so each captured output gradient row is one sample's gradient; the totals are
+divided by ``|D|`` once at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.data import Dataset
 
 from deepclean.data import as_tensors, iterate_batches
@@ -42,6 +59,16 @@ __all__ = ["fisher_diagonal", "fisher_diagonal_reference", "eval_mode"]
 
 _WARNED: set[str] = set()
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+# Tuning of the Conv2d closed form (measured on a 2-core CPU, see benchmarks/bench_fisher.py).
+# Output maps with at least this many positions use the grouped convolution-backward kernel.
+CONV_GROUPED_MIN_POSITIONS = 128
+# Samples per grouped convolution-backward call.
+CONV_GROUPED_CHUNK = 16
+# Output maps with at most this many positions use the position-pair matmul.
+CONV_PAIRS_MAX_POSITIONS = 4
+# Largest intermediate block (in elements) formed at once by the matmul paths.
+CONV_BLOCK_ELEMENTS = 8_000_000
 
 
 @contextmanager
@@ -66,114 +93,168 @@ def _check_model(model: nn.Module) -> None:
             )
 
 
-class _Recorder:
-    """Forward hooks that record each parameterised module call's input, and a tensor hook on its
-    output that captures the gradient with respect to that output.
-
-    Tensor hooks registered before an in-place change of the output (``ReLU(inplace=True)``)
-    receive the gradient of the value before the change, which is the one the layer needs.
-    """
-
-    def __init__(self, model: nn.Module, params: dict[nn.Parameter, str]) -> None:
-        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = []
-        self.grads: dict[int, torch.Tensor] = {}
-        self.handles = []
-        for module in model.modules():
-            own = [p for p in module.parameters(recurse=False) if p in params]
-            if own:
-                self.handles.append(module.register_forward_hook(self._hook))
-
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not isinstance(output, torch.Tensor) or len(inputs) != 1:
-            raise ConfigurationError(
-                f"{type(module).__name__}: expected one tensor input and one tensor output for a "
-                f"module that owns parameters, got {len(inputs)} inputs and "
-                f"{type(output).__name__}. Wrap the layer so it takes and returns one tensor."
-            )
-        if not output.requires_grad:
-            return
-        index = len(self.calls)
-        self.calls.append((module, inputs[0].detach(), output, output._version))
-
-        def capture(grad: torch.Tensor, index: int = index) -> None:
-            self.grads[index] = grad.detach()
-
-        output.register_hook(capture)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+# --------------------------------------------------------------------------------------------
+# Closed forms. ``x`` is the layer input of the batch, ``g`` the gradient of the summed
+# log-likelihood with respect to the layer output (row n = sample n's gradient).
 
 
-def _linear_sq(module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    if x.ndim == 2:
-        out = {"weight": (g * g).T @ (x * x)}
-        if module.bias is not None:
-            out["bias"] = (g * g).sum(0)
-        return out
+def _linear_per_sample(module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> dict:
     b = x.shape[0]
     x3, g3 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
-    per_sample = torch.bmm(g3.transpose(1, 2), x3)  # (B, out, in)
-    out = {"weight": (per_sample**2).sum(0)}
+    out = {"weight": torch.bmm(g3.transpose(1, 2), x3)}  # (B, out, in)
     if module.bias is not None:
-        out["bias"] = (g3.sum(1) ** 2).sum(0)
+        out["bias"] = g3.sum(1)
     return out
 
 
-def _conv2d_per_sample(
-    module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Per-sample gradients of a Conv2d, ``(B, *param.shape)``."""
+def _linear_sq(module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> dict:
+    if x.ndim == 2:
+        g2 = g * g
+        out = {"weight": g2.T @ (x * x)}
+        if module.bias is not None:
+            out["bias"] = g2.sum(0)
+        return out
+    return {k: v.square_().sum(0) for k, v in _linear_per_sample(module, x, g).items()}
+
+
+def _conv_padded(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     if module.padding_mode != "zeros":
-        x = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    else:
-        padding = module.padding
-    cols = nn.functional.unfold(
+        pad = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return pad, (0, 0)
+    if isinstance(module.padding, str):  # "same" / "valid"
+        if module.padding == "valid":
+            return x, (0, 0)
+        pad = nn.functional.pad(x, module._reversed_padding_repeated_twice)
+        return pad, (0, 0)
+    return x, tuple(module.padding)
+
+
+def _conv_columns(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C_in * kh * kw, L)`` columns of the (padded) input, without an unfold for 1x1."""
+    x, padding = _conv_padded(module, x)
+    if module.kernel_size == (1, 1) and padding == (0, 0):
+        sh, sw = module.stride
+        if (sh, sw) != (1, 1):
+            x = x[:, :, ::sh, ::sw]
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    return nn.functional.unfold(
         x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-    )  # (B, C_in * kh * kw, L)
+    )
+
+
+def _conv_per_sample_unfold(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)`` via unfold and a batched matmul."""
     b, groups = x.shape[0], module.groups
-    g2 = g.reshape(b, groups, g.shape[1] // groups, -1)  # (B, G, out/G, L)
-    cols = cols.reshape(b, groups, cols.shape[1] // groups, -1)  # (B, G, in/G*k*k, L)
-    grad = torch.einsum("bgol,bgil->bgoi", g2, cols).reshape(b, *module.weight.shape)
-    out = {"weight": grad}
+    cols = _conv_columns(module, x)  # (B, C_in*k*k, L)
+    length = cols.shape[-1]
+    cols = cols.reshape(b * groups, cols.shape[1] // groups, length)
+    g3 = g.reshape(b * groups, g.shape[1] // groups, length)
+    return torch.bmm(g3, cols.transpose(1, 2)).reshape(b, *module.weight.shape)
+
+
+def _conv_per_sample_grouped(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)``: the weight gradient of one convolution
+    in which each sample is its own group of channels."""
+    x, padding = _conv_padded(module, x)
+    b, c_in = x.shape[:2]
+    c_out, groups = g.shape[1], module.groups
+    weight_shape = (b * c_out, c_in // groups, *module.kernel_size)
+    # Only the weight's shape matters for the weight gradient; zeros make any misuse visible.
+    dummy = torch.zeros(weight_shape, dtype=x.dtype, device=x.device)
+    grad = torch.ops.aten.convolution_backward(
+        g.reshape(1, b * c_out, *g.shape[2:]),
+        x.reshape(1, b * c_in, *x.shape[2:]),
+        dummy,
+        None,
+        list(module.stride),
+        list(padding),
+        list(module.dilation),
+        False,
+        [0, 0],
+        b * groups,
+        [False, True, False],
+    )[1]
+    return grad.view(b, *module.weight.shape)
+
+
+def _conv2d_per_sample(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """Per-sample gradients of a Conv2d, ``(B, *param.shape)``."""
+    out = {"weight": _conv_per_sample_unfold(module, x, g)}
     if module.bias is not None:
         out["bias"] = g.sum((2, 3))
     return out
 
 
-def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    # Bound the (B, out, in*k*k) intermediate to about 64 MB by processing the batch in chunks.
-    per_sample_numel = module.weight.numel() + x[0].numel() * module.kernel_size[0]
-    chunk = max(1, int(16_000_000 // max(per_sample_numel, 1)))
-    sums: dict[str, torch.Tensor] = {}
-    for start in range(0, x.shape[0], chunk):
-        part = _conv2d_per_sample(module, x[start : start + chunk], g[start : start + chunk])
-        for key, value in part.items():
-            sq = (value**2).sum(0)
-            sums[key] = sq if key not in sums else sums[key] + sq
-    return sums
+def _pair_products(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``t[..., rows] * t[..., cols]`` for the index pairs ``rows <= cols`` of the last axis."""
+    return t[..., rows] * t[..., cols]
+
+
+def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """``sum_n (per-sample weight gradient)^2`` of a Conv2d, by one of three exact contractions
+    chosen from the output-map size ``L`` (see the module docstring)."""
+    b, groups = x.shape[0], module.groups
+    weight = module.weight
+    length = g.shape[2] * g.shape[3]
+    total = torch.zeros(weight.shape, dtype=g.dtype, device=g.device)
+    if length >= CONV_GROUPED_MIN_POSITIONS:
+        chunk = CONV_GROUPED_CHUNK
+        for s in range(0, b, chunk):
+            part = _conv_per_sample_grouped(module, x[s : s + chunk], g[s : s + chunk])
+            total += part.square_().sum(0)
+    else:
+        cols = _conv_columns(module, x)  # (B, C_in*k*k, L)
+        cols = cols.reshape(b * groups, cols.shape[1] // groups, length)
+        g3 = g.reshape(b * groups, g.shape[1] // groups, length)
+        flat = total.view(groups, weight.shape[0] // groups, -1)
+        c_out, c_in = flat.shape[1], flat.shape[2]
+        if length <= CONV_PAIRS_MAX_POSITIONS:
+            # (g u^T)^2 summed over samples = sum over position pairs (l, l') of
+            # (g_l * g_l') (u_l * u_l')^T: one large matmul over (sample, pair) per chunk.
+            rows, cols_idx = torch.triu_indices(length, length, device=g.device)
+            n_pairs = rows.numel()
+            chunk = max(1, CONV_BLOCK_ELEMENTS // ((c_out + c_in) * n_pairs * groups))
+            for s in range(0, b, chunk):
+                e = min(b, s + chunk)
+                gg = _pair_products(g3[s * groups : e * groups], rows, cols_idx)
+                gg[..., rows != cols_idx] *= 2  # each off-diagonal pair stands for two
+                uu = _pair_products(cols[s * groups : e * groups], rows, cols_idx)
+                gg = gg.view(e - s, groups, c_out, n_pairs).permute(1, 2, 0, 3)
+                uu = uu.view(e - s, groups, c_in, n_pairs).permute(1, 0, 3, 2)
+                flat += torch.bmm(
+                    gg.reshape(groups, c_out, (e - s) * n_pairs),
+                    uu.reshape(groups, (e - s) * n_pairs, c_in),
+                )
+            total.clamp_min_(0)  # rounding in the expanded square must not go below zero
+        else:
+            chunk = max(1, CONV_BLOCK_ELEMENTS // weight.numel())
+            cols_t = cols.transpose(1, 2)
+            for s in range(0, b, chunk):
+                e = min(b, s + chunk)
+                p = torch.bmm(g3[s * groups : e * groups], cols_t[s * groups : e * groups])
+                flat += p.view(e - s, *flat.shape).square_().sum(0)
+    out = {"weight": total}
+    if module.bias is not None:
+        out["bias"] = g.sum((2, 3)).square_().sum(0)
+    return out
 
 
 def _batchnorm_per_sample(
     module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, g: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(
-        module.running_var.view(shape) + module.eps
-    )
-    dims = tuple(range(2, x.ndim))
+) -> dict:
+    b, c = x.shape[:2]
+    shape = (1, c) + (1,) * (x.ndim - 2)
     out = {}
     if module.weight is not None:
-        out["weight"] = (g * x_hat).sum(dims) if dims else g * x_hat
+        centred = (x - module.running_mean.view(shape)).reshape(b * c, 1, -1)
+        dot = torch.bmm(centred, g.reshape(b * c, -1, 1)).view(b, c)
+        out["weight"] = dot * torch.rsqrt(module.running_var + module.eps)
     if module.bias is not None:
-        out["bias"] = g.sum(dims) if dims else g
+        out["bias"] = g.reshape(b, c, -1).sum(2)
     return out
 
 
-def _generic_per_sample(
-    module: nn.Module, x: torch.Tensor, g: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def _generic_per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
     """Exact per-sample parameter gradients of any per-sample-independent module via torch.func."""
     from torch.func import functional_call, vjp, vmap
 
@@ -190,18 +271,29 @@ def _generic_per_sample(
     return vmap(one)(x, g)
 
 
-def _per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _has_closed_form(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv2d, nn.Linear) + _BATCHNORMS)
+
+
+def _per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
     if isinstance(module, nn.Conv2d):
         return _conv2d_per_sample(module, x, g)
     if isinstance(module, _BATCHNORMS):
         return _batchnorm_per_sample(module, x, g)
     if isinstance(module, nn.Linear):
-        b = x.shape[0]
-        x3, g3 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
-        out = {"weight": torch.bmm(g3.transpose(1, 2), x3)}
-        if module.bias is not None:
-            out["bias"] = g3.sum(1)
-        return out
+        return _linear_per_sample(module, x, g)
+    return _generic_per_sample(module, x, g)
+
+
+def _squared_sums(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
+    if isinstance(module, nn.Linear):
+        return _linear_sq(module, x, g)
+    if isinstance(module, nn.Conv2d):
+        return _conv2d_sq(module, x, g)
+    return {k: v.square_().sum(0) for k, v in _per_sample(module, x, g).items()}
+
+
+def _warn_generic(module: nn.Module) -> None:
     name = type(module).__name__
     if name not in _WARNED:
         _WARNED.add(name)
@@ -210,15 +302,157 @@ def _per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str
             "path (per-sample vector-Jacobian products with torch.func), which is slower.",
             stacklevel=4,
         )
-    return _generic_per_sample(module, x, g)
 
 
-def _squared_sums(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    if isinstance(module, nn.Linear):
-        return _linear_sq(module, x, g)
-    if isinstance(module, nn.Conv2d):
-        return _conv2d_sq(module, x, g)
-    return {k: (v**2).sum(0) for k, v in _per_sample(module, x, g).items()}
+# --------------------------------------------------------------------------------------------
+
+
+class _Call:
+    """One call of a parameterised module in the current batch."""
+
+    __slots__ = ("module", "x", "edge", "own", "shared")
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, edge, own: dict, shared: bool) -> None:
+        self.module, self.x, self.edge, self.own, self.shared = module, x, edge, own, shared
+
+
+class _FisherPass:
+    """Forward hooks (registered once) that record each parameterised module call; tensor hooks
+    on the outputs that turn each output gradient into squared-gradient sums as it arrives."""
+
+    def __init__(self, model: nn.Module, names: dict[nn.Parameter, str], totals: dict) -> None:
+        self.names, self.totals = names, totals
+        self.own: dict[nn.Module, dict[str, nn.Parameter]] = {}
+        self.calls: list[_Call] = []
+        self.deferred: list[tuple[_Call, torch.Tensor, torch.Tensor]] = []
+        self.per_sample: dict[nn.Parameter, torch.Tensor] = {}
+        self.uses: dict[nn.Parameter, int] = {}
+        self.handles = []
+        self.recording = False  # only the model's own forward pass is recorded
+        for module in model.modules():
+            own = {k: p for k, p in module.named_parameters(recurse=False) if p in names}
+            if own:
+                self.own[module] = own
+                self.handles.append(module.register_forward_hook(self._forward_hook))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self.recording:
+            return
+        if not isinstance(output, torch.Tensor) or len(inputs) != 1:
+            raise ConfigurationError(
+                f"{type(module).__name__}: expected one tensor input and one tensor output for a "
+                f"module that owns parameters, got {len(inputs)} inputs and "
+                f"{type(output).__name__}. Wrap the layer so it takes and returns one tensor."
+            )
+        if not output.requires_grad:
+            return
+        own = self.own[module]
+        for p in own.values():
+            self.uses[p] = self.uses.get(p, 0) + 1
+        call = _Call(module, inputs[0].detach(), get_gradient_edge(output), own, False)
+        self.calls.append(call)
+        # Registered before any in-place change of ``output`` (e.g. ReLU(inplace=True)): the
+        # hook receives the gradient with respect to the value the layer produced.
+        output.register_hook(lambda grad, call=call: self._backward_hook(call, grad))
+
+    def _add(self, call: _Call, sums: dict) -> None:
+        for local, value in sums.items():
+            p = call.own.get(local)
+            if p is not None:
+                self.totals[self.names[p]] += value
+
+    def _backward_hook(self, call: _Call, grad: torch.Tensor) -> None:
+        g = grad.detach()
+        if g.dtype != call.x.dtype and call.x.is_floating_point():
+            g = g.to(call.x.dtype)
+        if not _has_closed_form(call.module):
+            self.deferred.append((call, call.x, g))  # torch.func runs after the backward pass
+        elif call.shared:
+            self._add_per_sample(call, _per_sample(call.module, call.x, g))
+        else:
+            self._add(call, _squared_sums(call.module, call.x, g))
+        call.x = None  # release the input as soon as it is used
+
+    def _add_per_sample(self, call: _Call, per_sample: dict) -> None:
+        unshared = {}
+        for local, value in per_sample.items():
+            p = call.own.get(local)
+            if p is None:
+                continue
+            if self.uses[p] > 1:
+                self.per_sample[p] = value if p not in self.per_sample else self.per_sample[p] + value
+            else:
+                unshared[local] = value.square_().sum(0)
+        self._add(call, unshared)
+
+    def _targets(self, root: torch.Tensor) -> list:
+        """The recorded output edges that no other recorded output lies below in the graph.
+
+        Differentiating to these alone executes every node between the loss and each recorded
+        output (so every tensor hook fires), while the engine captures as few gradients as
+        possible and computes no weight gradients.
+        """
+        recorded = {}
+        for call in self.calls:
+            recorded.setdefault(call.edge.node, []).append(call)
+        # reach[node]: a recorded node is reachable from node's inputs (strictly below node).
+        below: dict = {}
+        stack = [(root.grad_fn, False)]
+        while stack:
+            node, done = stack.pop()
+            if node is None or (not done and node in below):
+                continue
+            children = [c for c, _ in node.next_functions if c is not None]
+            if done:
+                below[node] = any(below.get(c) or c in recorded for c in children)
+                continue
+            below[node] = False  # placeholder against revisits while expanding
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c not in below)
+        targets = []
+        for node, calls in recorded.items():
+            if node in below and not below[node]:
+                targets.extend(c.edge for c in calls)
+        return targets
+
+    def run(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        self.calls, self.deferred, self.per_sample, self.uses = [], [], {}, {}
+        try:
+            self.recording = True
+            try:
+                logits = model(xb)
+            finally:
+                self.recording = False
+            if logits.ndim != 2:
+                raise DataError(f"expected logits of shape (B, K), got {tuple(logits.shape)}")
+            if int(yb.min()) < 0 or int(yb.max()) >= logits.shape[1]:
+                raise DataError(
+                    f"labels must lie in [0, {logits.shape[1]}) for a model with "
+                    f"{logits.shape[1]} outputs; got labels from {int(yb.min())} to "
+                    f"{int(yb.max())}"
+                )
+            if not self.calls:
+                return
+            for call in self.calls:
+                call.shared = any(self.uses[p] > 1 for p in call.own.values())
+                if not _has_closed_form(call.module):
+                    _warn_generic(call.module)
+            log_p = torch.log_softmax(logits, dim=1).gather(1, yb.view(-1, 1)).sum()
+            targets = self._targets(log_p)
+            del logits
+            if targets:
+                torch.autograd.grad(log_p, targets, allow_unused=True)
+            for call, x, g in self.deferred:
+                self._add_per_sample(call, _per_sample(call.module, x, g))
+            for p, value in self.per_sample.items():
+                self.totals[self.names[p]] += value.square_().sum(0)
+        finally:
+            self.calls, self.deferred, self.per_sample = [], [], {}
+
 
 
 def fisher_diagonal(
@@ -269,52 +503,15 @@ def fisher_diagonal(
         work_model = copy.deepcopy(model).to(device=device, dtype=work_dtype)
         names = {p: n for n, p in work_model.named_parameters() if p.requires_grad}
 
-    with eval_mode(work_model), torch.enable_grad():
-        for _, xb, yb in iterate_batches(x_all, y_all, batch_size=batch_size, device=device):
-            targets: list[torch.Tensor] = []
-            if xb.is_floating_point():
-                xb = xb.to(work_dtype).requires_grad_(True)
-                targets.append(xb)
-            recorder = _Recorder(work_model, names)
-            try:
-                logits = work_model(xb)
-            finally:
-                recorder.remove()
-            if logits.ndim != 2:
-                raise DataError(f"expected logits of shape (B, K), got {tuple(logits.shape)}")
-            if int(yb.min()) < 0 or int(yb.max()) >= logits.shape[1]:
-                raise DataError(
-                    f"labels must lie in [0, {logits.shape[1]}) for a model with "
-                    f"{logits.shape[1]} outputs; got labels from {int(yb.min())} to {int(yb.max())}"
-                )
-            if not recorder.calls:
-                continue
-            log_p = torch.log_softmax(logits, dim=1).gather(1, yb.view(-1, 1)).sum()
-            # Differentiate to the layer outputs (and the input) only: no weight gradient is formed.
-            targets += [out for _, _, out, version in recorder.calls if out._version == version]
-            torch.autograd.grad(log_p, targets, allow_unused=True)
-            uses: dict[nn.Parameter, int] = {}
-            for module, _, _, _ in recorder.calls:
-                for p in module.parameters(recurse=False):
-                    if p in names:
-                        uses[p] = uses.get(p, 0) + 1
-            shared: dict[nn.Parameter, torch.Tensor] = {}
-            for index, (module, x_in, _, _) in enumerate(recorder.calls):
-                g = recorder.grads.get(index)
-                if g is None:  # the output does not influence the loss
-                    continue
-                own = {k: p for k, p in module.named_parameters(recurse=False) if p in names}
-                if all(uses[p] == 1 for p in own.values()):
-                    for local, value in _squared_sums(module, x_in, g).items():
-                        if local in own:
-                            totals[names[own[local]]] += value
-                else:
-                    for local, value in _per_sample(module, x_in, g).items():
-                        if local in own:
-                            p = own[local]
-                            shared[p] = value if p not in shared else shared[p] + value
-            for p, per_sample in shared.items():
-                totals[names[p]] += (per_sample**2).sum(0)
+    fisher_pass = _FisherPass(work_model, names, totals)
+    try:
+        with eval_mode(work_model), torch.enable_grad():
+            for _, xb, yb in iterate_batches(x_all, y_all, batch_size=batch_size, device=device):
+                if xb.is_floating_point():
+                    xb = xb.to(work_dtype)
+                fisher_pass.run(work_model, xb, yb)
+    finally:
+        fisher_pass.remove()
     n = x_all.shape[0]
     return {name: (t / n).cpu() for name, t in totals.items()}
 

@@ -95,9 +95,13 @@ def masked_finetune(
             frozen.append(p)
     if not trainable:
         return model.eval()
-    for p in frozen:
-        p.requires_grad_(False)
+    # Partly selected tensors: a mask in the parameter's dtype for one fused multiply of all
+    # their gradients per step, and the original values to write back into unselected entries.
+    partial_params = [trainable[name] for name in partial]
+    partial_masks = [m.to(trainable[name].dtype) for name, (m, _) in partial.items()]
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         opt = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0)
         steps = epochs * math.ceil(x.shape[0] / batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -114,15 +118,20 @@ def masked_finetune(
                 loss = nn.functional.cross_entropy(model(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                with torch.no_grad():
-                    for name, (m, _) in partial.items():
-                        g = trainable[name].grad
-                        if g is not None:
-                            g.mul_(m)
+                if partial:
+                    with torch.no_grad():
+                        grads = [p.grad for p in partial_params]
+                        if all(g is not None for g in grads):
+                            torch._foreach_mul_(grads, partial_masks)
+                        else:
+                            for g, m in zip(grads, partial_masks, strict=True):
+                                if g is not None:
+                                    g.mul_(m)
                 opt.step()
-                with torch.no_grad():
-                    for name, (m, original) in partial.items():
-                        trainable[name].copy_(torch.where(m, trainable[name], original))
+                if partial:
+                    with torch.no_grad():
+                        for p, (m, original) in zip(partial_params, partial.values(), strict=True):
+                            torch.where(m, p, original, out=p)  # bitwise restore, no copy
                 sched.step()
                 bar.update(1)
         bar.close()

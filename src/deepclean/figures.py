@@ -86,7 +86,7 @@ def plot_method_bars(records: list[dict[str, Any]], path_stem: str | Path,
             ax.axhline(g, color="tab:red", linestyle="--", label=f"gold {g:.2f}")
             ax.legend(loc="best", fontsize=8)
         ax.set_title(label)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     return _save(fig, Path(path_stem))
 
 

@@ -114,10 +114,17 @@ TABLES: dict[str, tuple[str, list, tuple[str, ...] | None, str]] = {
 
 
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every result record under ``results_dir`` (its ``results/`` folder, or itself)."""
+    """Every result record under ``results_dir`` (its ``results/`` folder, or itself).
+
+    JSON files that are not result records (``config.json``, ``sweep_config.json``) are skipped.
+    """
     root = Path(results_dir)
     folder = root / "results" if (root / "results").is_dir() else root
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    loaded = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [r for r in loaded if isinstance(r, dict) and _RECORD_KEYS <= r.keys()]
+
+
+_RECORD_KEYS = {"dataset", "model", "scenario", "method", "seed", "metrics"}
 
 
 def load_sweep_records(results_dir: str | Path) -> list[dict[str, Any]]:

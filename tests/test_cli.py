@@ -67,6 +67,16 @@ def test_end_to_end_on_fashion_mnist(tmp_path, capsys):
     assert dc["metrics"]["acc_forget"] <= gold["metrics"]["acc_forget"] + 5.0
     assert dc["metrics"]["acc_retain"] >= original["metrics"]["acc_retain"] - 5.0
     assert 0 < dc["n_reset"] < dc["n_weights"] and dc["time_s"] > 0
+    # the evaluation beyond the paper, with one gold model: LiRA skipped with a reason
+    assert set(dc["mia_family"]) >= {"entropy_lr", "efficacy", "loss_lr_accuracy", "lira"}
+    assert dc["mia_family"]["entropy_lr"] == dc["metrics"]["mia"]
+    assert dc["mia_family"]["lira"] is None and "at least 2" in dc["mia_family"]["lira_reason"]
+    assert dc["distances"]["normalised"] is None and dc["distances"]["forget"]["js"] > 0
+    assert gold["distances"]["forget"]["js"] == 0 and gold["summary"]["avg_gap"] == 0
+    assert dc["summary"]["rte"] == pytest.approx(gold["time_s"] / dc["time_s"])
+    for name in ("results.tex", "tables/mia.md", "tables/summary.tex", "report.html",
+                 "figures/fig2_fashion-mnist_small_cnn_class.svg"):
+        assert (out / name).is_file(), name
 
     # the second run reuses the cached original and gold models and reproduces every metric
     assert main(argv) == 0
@@ -75,3 +85,46 @@ def test_end_to_end_on_fashion_mnist(tmp_path, capsys):
     again = json.loads((out / "results" / "fashion-mnist_small_cnn_class_deepclean_seed0.json").read_text())
     assert again["metrics"] == dc["metrics"]
     assert "training on" in first
+
+
+def test_gold_models_must_be_positive(tmp_path, capsys):
+    argv = ["run", "--gold-models", "0", "--out", str(tmp_path / "o"), "--cache-dir",
+            str(tmp_path / "c")]
+    assert main(argv) == 2
+    assert "gold_seeds (--gold-models) must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_sweep_gamma_then_report_on_fashion_mnist(tmp_path, capsys, monkeypatch):
+    from deepclean.methods.deepclean import DeepClean
+
+    calls = []
+    real = DeepClean.fisher_pair
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepClean, "fisher_pair", counting)
+    out = tmp_path / "out"
+    argv = ["sweep-gamma", "--model", "small_cnn", "--width", "0.5", "--train-size", "1000",
+            "--epochs", "2", "--unlearn-epochs", "1", "--scenarios", "random",
+            "--gammas", "1,1.5,3", "--gold-models", "2", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    assert calls == [1]  # the two Fisher diagonals once for three gammas
+    sweep = sorted((json.loads(p.read_text()) for p in (out / "sweep").glob("*.json")),
+                   key=lambda r: r["gamma"])
+    assert [r["gamma"] for r in sweep] == [1.0, 1.5, 3.0]
+    assert sweep[0]["n_reset"] >= sweep[1]["n_reset"] >= sweep[2]["n_reset"]
+    assert sweep[0]["fisher_time_s"] == sweep[2]["fisher_time_s"]
+    assert sweep[0]["mia_family"]["lira"]["n_reference"] == 2
+    assert sweep[0]["distances"]["normalised"] is not None
+    for name in ("fig3_fashion-mnist_small_cnn.png", "fig3_fashion-mnist_small_cnn.svg",
+                 "fig4_fashion-mnist_small_cnn_random.png"):
+        assert (out / "figures" / name).is_file()
+    (out / "report.html").unlink()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "Gamma sweep" in html and html.count("data:image/png;base64,") == 2

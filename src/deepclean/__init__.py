@@ -38,9 +38,23 @@ from deepclean.methods import (
     reset_weights,
     true_fisher_diagonal,
 )
+from deepclean.distances import (
+    activation_distance,
+    js_divergence,
+    kl_divergence,
+    weight_distance,
+)
 from deepclean.metrics import accuracy, entropy, entropy_mia, membership_attack, predict_proba
+from deepclean.mia import (
+    lira_mia,
+    logit_confidence,
+    loss_lr_mia,
+    mia_efficacy,
+    mia_family,
+)
 from deepclean.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
 from deepclean.selection import mask_summary, select_weights
+from deepclean.summaries import avg_gap, relative_time_efficiency, tug_of_war
 from deepclean.splits import ForgetSplit, class_split, index_split, make_split, random_split
 from deepclean.training import TrainConfig, train_model
 
@@ -96,6 +110,18 @@ __all__ = [
     "entropy",
     "entropy_mia",
     "membership_attack",
+    "mia_family",
+    "mia_efficacy",
+    "loss_lr_mia",
+    "lira_mia",
+    "logit_confidence",
+    "js_divergence",
+    "kl_divergence",
+    "activation_distance",
+    "weight_distance",
+    "avg_gap",
+    "tug_of_war",
+    "relative_time_efficiency",
     # errors
     "DeepCleanError",
     "ConfigurationError",

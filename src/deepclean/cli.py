@@ -2,7 +2,8 @@
 
     deepclean run [options]       train (or reuse) original and gold models, unlearn, compare
     deepclean methods             list the unlearning methods with their references
-    deepclean report RESULTS_DIR  rebuild the tables from the result JSON files
+    deepclean sweep-gamma [opts]  DeepClean over a grid of gamma, Fisher diagonals computed once
+    deepclean report RESULTS_DIR  rebuild the tables, figures and HTML report from the JSON files
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def _read_indices(path: str) -> tuple[int, ...]:
         ) from exc
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in _comma_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepclean",
@@ -93,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
         "(width 0.125) on 20,000 training images, random-10%% and class-0 forgetting, Fine-tune "
         "and DeepClean against the gold model.",
     )
+    _add_experiment_arguments(run)
+
+    sweep = sub.add_parser(
+        "sweep-gamma",
+        help="DeepClean over a grid of gamma (Fisher diagonals computed once); paper Figs. 3, 4",
+        description="Run DeepClean for every gamma on the run's original and gold models "
+        "(same options and cache as 'run'), computing the two Fisher diagonals once; writes "
+        "<out>/sweep/*.json, the figures and the HTML report.",
+    )
+    _add_experiment_arguments(sweep)
+    sweep.add_argument("--gammas", type=_float_list,
+                       help="comma list of thresholds (default 1,1.1,1.2,1.5,1.7,2,2.2,2.5,2.7,3)")
+    sweep.add_argument("--paper-metrics-only", action="store_true",
+                       help="skip the MIA family and distances per gamma (faster)")
+
+    sub.add_parser("methods", help="list the unlearning methods with their references")
+
+    report = sub.add_parser(
+        "report", help="rebuild the tables, figures and HTML report from a results folder")
+    report.add_argument("results_dir", help="the --out folder of a run")
+    return parser
+
+
+def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--preset", choices=["default", "paper"], default="default",
                      help="'paper': full-width ResNet-18 and VGG-16-BN, full data, the paper's "
                      "recipe (for a GPU)")
@@ -114,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", type=_comma_list,
                      help="comma list of methods, or 'all' (see 'deepclean methods')")
     run.add_argument("--seeds", type=int, nargs="+", help="one run per seed (default 0)")
+    run.add_argument("--gold-models", type=int, metavar="K",
+                     help="gold models per seed from different seeds (default 1); K >= 2 enables "
+                     "the LiRA attack and gold-vs-gold normalised distances")
     run.add_argument("--gamma", type=float, help="DeepClean threshold for every scenario")
     run.add_argument("--gamma-random", type=float, help="threshold for random (default 1.1)")
     run.add_argument("--gamma-class", type=float, help="threshold for class (default 2.0)")
@@ -126,12 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-    sub.add_parser("methods", help="list the unlearning methods with their references")
-
-    report = sub.add_parser("report", help="rebuild the tables from a results folder")
-    report.add_argument("results_dir", help="the --out folder of a run")
-    return parser
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -149,6 +178,7 @@ def _config_from_args(args: argparse.Namespace):
         "forget_fraction": args.forget_fraction,
         "forget_classes": args.forget_class,
         "seeds": tuple(args.seeds) if args.seeds else None,
+        "gold_seeds": args.gold_models,
         "gamma_random": args.gamma_random if args.gamma is None else args.gamma,
         "gamma_class": args.gamma_class if args.gamma is None else args.gamma,
         "unlearn_epochs": args.unlearn_epochs,
@@ -196,15 +226,18 @@ def _cmd_methods() -> int:
 
 
 def _cmd_report(results_dir: str) -> int:
-    from deepclean.reporting import load_records, write_tables
+    from deepclean.reporting import build_report, load_records, load_sweep_records
 
+    if not Path(results_dir).is_dir():
+        raise ConfigurationError(f"{results_dir} is not a folder; pass the --out folder of a run")
     records = load_records(results_dir)
-    if not records:
+    if not records and not load_sweep_records(results_dir):
         raise ConfigurationError(
-            f"no result JSON files in {results_dir} (or its results/ folder); pass the --out "
-            "folder of a 'deepclean run'"
+            f"no result JSON files in {results_dir} (its results/ or sweep/ folder); pass the "
+            "--out folder of a 'deepclean run' or 'deepclean sweep-gamma'"
         )
-    print(write_tables(records, results_dir))
+    print(build_report(results_dir, records=records))
+    print(f"tables, figures/ and report.html written to {results_dir}/")
     return 0
 
 
@@ -226,9 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         config = _config_from_args(args)
+        if args.command == "sweep-gamma":
+            from deepclean.sweep import DEFAULT_GAMMAS, sweep_gamma
+
+            sweep_gamma(config, gammas=args.gammas or DEFAULT_GAMMAS,
+                        extended=not args.paper_metrics_only)
+            print(f"sweep written to {config.out_dir}/ (sweep/, figures/, report.html)")
+            return 0
         run_experiment(config)
-        print(f"results written to {config.out_dir}/ (results.md, results.csv, results/, "
-              "splits/, checkpoints/)")
+        print(f"results written to {config.out_dir}/ (results.md, results.csv, results.tex, "
+              "tables/, figures/, report.html, results/, splits/, checkpoints/)")
         return 0
     except DeepCleanError as exc:
         print(f"deepclean: error: {exc}", file=sys.stderr)

@@ -6,8 +6,10 @@
 2. draws the forget/retain split and writes its manifest,
 3. retrains the gold model from scratch on D_r with the same recipe (or reuses a cached one),
 4. runs each unlearning method on the original model and times the unlearning step alone,
-5. evaluates every model (Acc_Dr, Acc_Df, Acc_test, the paper's entropy MIA, gaps to gold) and
-   writes one JSON file per (dataset, model, scenario, method, seed), plus Markdown and CSV tables.
+5. evaluates every model (Acc_Dr, Acc_Df, Acc_test, the paper's entropy MIA, gaps to gold; the
+   MIA family of :mod:`deepclean.mia`, the distances to gold of :mod:`deepclean.distances` and the
+   summaries of :mod:`deepclean.summaries`) and writes one JSON file per (dataset, model,
+   scenario, method, seed), plus the tables, figures and HTML report (:func:`build_report`).
 
 Cached models live under ``cache_dir`` with a key of everything that determines them (data set,
 training subset, split, architecture, width, recipe, seed), as safetensors files.
@@ -34,10 +36,17 @@ from deepclean.checkpoint import (
 )
 from deepclean.data import ImageData, load_dataset
 from deepclean.errors import CheckpointError, ConfigurationError
+from deepclean.evaluation import (
+    ModelOutputs,
+    build_reference,
+    extended_metrics,
+    model_outputs,
+)
 from deepclean.methods import make_method, method_class
 from deepclean.metrics import accuracy, entropy_mia, predict_proba
 from deepclean.models import available_models, build_model
 from deepclean.splits import SCENARIOS, ForgetSplit, make_split
+from deepclean.summaries import summary as summary_of
 from deepclean.training import TrainConfig, resolve_device, synchronize, train_model
 
 __all__ = [
@@ -71,6 +80,10 @@ class ExperimentConfig:
         forget_indices: training-set indices forgotten in the ``indices`` scenario.
         methods: unlearning methods to compare (the gold model is always trained).
         seeds: one full run per seed (training subset, split, models, methods).
+        gold_seeds: number K of gold models per (seed, model, scenario). The first is trained
+            with the run's seed, the others with seeds ``seed * 1000 + j`` (j = 1 .. K - 1), all
+            on the same D_r and cached alike. K >= 2 enables the per-example LiRA attack and
+            distances normalised by the gold-vs-gold distance; K = 1 (default) skips both.
         gamma_random / gamma_class: DeepClean's threshold per scenario (paper: 1.1 and 2.0).
         unlearn_epochs: fine-tune epochs of DeepClean and Fine-tune.
         unlearn_lr: their Adam learning rate.
@@ -94,6 +107,7 @@ class ExperimentConfig:
     forget_indices: tuple[int, ...] | None = None
     methods: tuple[str, ...] = ("finetune", "deepclean")
     seeds: tuple[int, ...] = (0,)
+    gold_seeds: int = 1
     gamma_random: float = 1.1
     gamma_class: float = 2.0
     unlearn_epochs: int = 3
@@ -140,6 +154,10 @@ class ExperimentConfig:
             raise ConfigurationError("no seed given; expected at least one (e.g. --seeds 0)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigurationError(f"seeds must be distinct, got {list(self.seeds)}")
+        if not isinstance(self.gold_seeds, int) or self.gold_seeds < 1:
+            raise ConfigurationError(
+                f"gold_seeds (--gold-models) must be an integer >= 1, got {self.gold_seeds!r}"
+            )
         if self.train_size is not None and self.train_size < 2:
             raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
         if not self.width > 0:
@@ -282,15 +300,23 @@ def evaluate_model(
     x_test: torch.Tensor,
     y_test: torch.Tensor,
     device: torch.device | str | None = None,
+    outputs: ModelOutputs | None = None,
 ) -> dict[str, float]:
     """The paper's metrics of one model.
+
+    Args:
+        outputs: the model's logits on ``x_train`` and ``x_test`` when already computed
+            (:func:`deepclean.evaluation.model_outputs`); the same softmax is applied.
 
     Returns:
         ``acc_retain``, ``acc_forget``, ``acc_test`` (accuracy in % on D_r, D_f, test) and ``mia``
         (% of D_f called member by the entropy attack fitted on D_r vs test).
     """
-    probs_train = predict_proba(model, x_train, device=device)
-    probs_test = predict_proba(model, x_test, device=device)
+    if outputs is None:
+        probs_train = predict_proba(model, x_train, device=device)
+        probs_test = predict_proba(model, x_test, device=device)
+    else:
+        probs_train, probs_test = outputs.probs_train, outputs.probs_test
     p_r, p_f = probs_train[split.retain], probs_train[split.forget]
     return {
         "acc_retain": accuracy(p_r, y_train[split.retain]),
@@ -350,7 +376,12 @@ def run_experiment(
       for ``gold`` and ``original``, with metrics, gaps to gold, time and hyperparameters;
     - ``splits/<dataset>_<scenario>_seed<seed>.json``: the split manifest (forget indices);
     - ``checkpoints/<...>.safetensors``: every model evaluated;
-    - ``results.md`` and ``results.csv``: the tables.
+    - ``results.md``, ``results.csv``, ``tables/``, ``figures/``, ``report.html``: tables,
+      figures and the report (:func:`deepclean.reporting.build_report`).
+
+    Each record holds, besides ``metrics`` and ``gaps``, ``mia_family`` (the four attacks of
+    :func:`deepclean.mia.mia_family`), ``distances`` (:func:`deepclean.distances.distances_to_gold`)
+    and ``summary`` (Avg. Gap, tug of war, RTE).
 
     Returns:
         The result records (the JSON payloads).
@@ -359,26 +390,20 @@ def run_experiment(
         ConfigurationError, DataError, DataNotFoundError: invalid configuration or data, before any
             training starts.
     """
-    from deepclean.reporting import write_tables
+    from deepclean.reporting import build_report
 
-    config.validate()
-    device = resolve_device(config.device)
-    data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
-    out_dir = Path(config.out_dir)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    ctx = _Context(config, data, device, cache_dir, out_dir, log)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _make_context(config, log)
+    data, device, out_dir = ctx.data, ctx.device, ctx.out_dir
     _write_json(out_dir / "config.json", config.to_dict() | {"device_used": str(device)})
     records: list[dict[str, Any]] = []
     for seed in config.seeds:
-        subset = _subsample(data, config.train_size, seed)
-        x_train, y_train = data.train_x[subset], data.train_y[subset]
+        subset, x_train, y_train = _training_subset(ctx, seed)
         for model_name in config.models:
             log(f"[seed {seed}] {config.dataset} / {model_name} (width {config.width}): "
                 f"{x_train.shape[0]} training samples, device {device}")
-            original, original_meta = _train_or_load(
-                ctx, kind="original", model_name=model_name, seed=seed, x=x_train, y=y_train,
-                determinants={"train_subset_sha256": _digest_indices(subset)},
+            original, original_meta = _original_model(
+                ctx, model_name=model_name, seed=seed, subset=subset, x_train=x_train,
+                y_train=y_train,
             )
             for scenario in config.scenarios:
                 records += _run_scenario(
@@ -386,7 +411,7 @@ def run_experiment(
                     x_train=x_train, y_train=y_train, original=original,
                     original_meta=original_meta,
                 )
-    tables = write_tables(records, out_dir)
+    tables = build_report(out_dir, records=records)
     log(tables)
     return records
 
@@ -404,6 +429,113 @@ def _run_scenario(
     original_meta: dict[str, Any],
 ) -> list[dict[str, Any]]:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
+    split, gold, gold_meta = _split_and_gold(
+        ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
+        x_train=x_train, y_train=y_train,
+    )
+    evaluate = _evaluator(ctx, seed=seed, model_name=model_name, subset=subset, split=split,
+                          x_train=x_train, y_train=y_train, original=original, gold=gold)
+    gold_metrics, gold_extended = evaluate(gold, is_gold=True)
+    base = {
+        "dataset": cfg.dataset,
+        "model": model_name,
+        "width": cfg.width,
+        "scenario": scenario,
+        "seed": seed,
+        "n_train": int(x_train.shape[0]),
+        "n_forget": int(split.forget.numel()),
+        "n_retain": int(split.retain.numel()),
+        "forget_sha256": split.digest,
+        "gold_metrics": gold_metrics,
+        "gold_time_s": gold_meta["train_time_s"],
+        "gold_seeds": cfg.gold_seeds,
+        "recipe": cfg.train.to_dict(),
+        "torch_version": torch.__version__,
+    }
+    stem = f"{cfg.dataset}_{model_name}_{scenario}"
+    records = []
+
+    def record(method: str, model: torch.nn.Module, evaluated: tuple[dict, dict],
+               extra: dict) -> dict:
+        metrics, extended = evaluated
+        rec = base | {"method": method, "metrics": metrics} | extended | extra
+        rec["gaps"] = {
+            "d_acc_forget": metrics["acc_forget"] - gold_metrics["acc_forget"],
+            "d_acc_retain": metrics["acc_retain"] - gold_metrics["acc_retain"],
+            "d_acc_test": metrics["acc_test"] - gold_metrics["acc_test"],
+            "d_mia": metrics["mia"] - gold_metrics["mia"],
+        }
+        rec["summary"] = summary_of(metrics, gold_metrics, time_s=rec.get("time_s"),
+                                    gold_time_s=gold_meta["train_time_s"])
+        name = f"{stem}_{method}_seed{seed}"
+        save_checkpoint(ctx.out_dir / "checkpoints" / f"{name}.safetensors", model,
+                        {"method": method, "forget_sha256": split.digest, "seed": seed,
+                         "dataset": cfg.dataset, "model": model_name, "width": cfg.width})
+        _write_json(ctx.out_dir / "results" / f"{name}.json", rec)
+        records.append(rec)
+        return rec
+
+    record("original", original, evaluate(original),
+           {"time_s": None, "train_time_s": original_meta["train_time_s"], "hyperparameters": {}})
+    record("gold", gold, (gold_metrics, gold_extended),
+           {"time_s": gold_meta["train_time_s"], "hyperparameters": cfg.train.to_dict()})
+    forget = TensorDataset(x_train[split.forget], y_train[split.forget])
+    retain = TensorDataset(x_train[split.retain], y_train[split.retain])
+    for name in cfg.methods:
+        method = make_method(name, **_method_kwargs(cfg, name, scenario, seed, device,
+                                                    model_name, data))
+        ctx.log(f"  unlearning with {name} ...")
+        synchronize(device)
+        start = time.perf_counter()
+        unlearned = method.unlearn(original, forget, retain)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        evaluated = evaluate(unlearned)
+        metrics = evaluated[0]
+        rec = record(name, unlearned, evaluated, {
+            "time_s": seconds,
+            "hyperparameters": method.hyperparameters(),
+            **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
+        })
+        ctx.log(f"  {name}: Acc_Dr {metrics['acc_retain']:.2f}  Acc_Df {metrics['acc_forget']:.2f}"
+                f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
+                f"  time {seconds:.1f} s")
+    return records
+
+
+# --- shared with the gamma sweep (deepclean.sweep): data, original, split, gold, evaluation ---
+
+
+def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Context:
+    """Validate ``config``, pick the device, load the data set, create the output folder."""
+    config.validate()
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+    out_dir = Path(config.out_dir)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _Context(config, data, device, cache_dir, out_dir, log)
+
+
+def _training_subset(ctx: _Context, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(subset indices, x_train, y_train) of ``seed``."""
+    subset = _subsample(ctx.data, ctx.cfg.train_size, seed)
+    return subset, ctx.data.train_x[subset], ctx.data.train_y[subset]
+
+
+def _original_model(ctx: _Context, *, model_name: str, seed: int, subset: torch.Tensor,
+                    x_train: torch.Tensor, y_train: torch.Tensor):
+    """The original model (trained or from the cache) and its metadata."""
+    return _train_or_load(
+        ctx, kind="original", model_name=model_name, seed=seed, x=x_train, y=y_train,
+        determinants={"train_subset_sha256": _digest_indices(subset)},
+    )
+
+
+def _split_and_gold(ctx: _Context, *, scenario: str, seed: int, model_name: str,
+                    subset: torch.Tensor, x_train: torch.Tensor, y_train: torch.Tensor):
+    """The forget split of ``scenario`` (manifest written) and its gold model with metadata."""
+    cfg = ctx.cfg
     split = make_split(
         scenario, y_train, fraction=cfg.forget_fraction, classes=cfg.forget_classes,
         indices=cfg.forget_indices, seed=seed,
@@ -418,76 +550,57 @@ def _run_scenario(
     _write_json(ctx.out_dir / "splits" / f"{cfg.dataset}_{scenario}_seed{seed}.json", manifest)
     ctx.log(f" scenario {scenario}: |D_f| = {split.forget.numel()}, "
             f"|D_r| = {split.retain.numel()}")
-    gold, gold_meta = _train_or_load(
+    gold, gold_meta = _gold_model(ctx, model_name=model_name, seed=seed, subset=subset,
+                                  split=split, x_train=x_train, y_train=y_train)
+    return split, gold, gold_meta
+
+
+def _gold_model(ctx: _Context, *, model_name: str, seed: int, subset: torch.Tensor,
+                split: ForgetSplit, x_train: torch.Tensor, y_train: torch.Tensor):
+    return _train_or_load(
         ctx, kind="gold", model_name=model_name, seed=seed, x=x_train[split.retain],
         y=y_train[split.retain],
         determinants={"train_subset_sha256": _digest_indices(subset),
                       "forget_sha256": split.digest},
     )
-    evaluate = lambda m: evaluate_model(  # noqa: E731
-        m, x_train=x_train, y_train=y_train, split=split, x_test=data.test_x, y_test=data.test_y,
-        device=device,
-    )
-    gold_metrics = evaluate(gold)
-    base = {
-        "dataset": cfg.dataset,
-        "model": model_name,
-        "width": cfg.width,
-        "scenario": scenario,
-        "seed": seed,
-        "n_train": int(x_train.shape[0]),
-        "n_forget": int(split.forget.numel()),
-        "n_retain": int(split.retain.numel()),
-        "forget_sha256": split.digest,
-        "gold_metrics": gold_metrics,
-        "gold_time_s": gold_meta["train_time_s"],
-        "recipe": cfg.train.to_dict(),
-        "torch_version": torch.__version__,
-    }
-    stem = f"{cfg.dataset}_{model_name}_{scenario}"
-    records = []
 
-    def record(method: str, model: torch.nn.Module, metrics: dict[str, float], extra: dict) -> dict:
-        rec = base | {"method": method, "metrics": metrics} | extra
-        rec["gaps"] = {
-            "d_acc_forget": metrics["acc_forget"] - gold_metrics["acc_forget"],
-            "d_acc_retain": metrics["acc_retain"] - gold_metrics["acc_retain"],
-            "d_acc_test": metrics["acc_test"] - gold_metrics["acc_test"],
-            "d_mia": metrics["mia"] - gold_metrics["mia"],
-        }
-        name = f"{stem}_{method}_seed{seed}"
-        save_checkpoint(ctx.out_dir / "checkpoints" / f"{name}.safetensors", model,
-                        {"method": method, "forget_sha256": split.digest, "seed": seed,
-                         "dataset": cfg.dataset, "model": model_name, "width": cfg.width})
-        _write_json(ctx.out_dir / "results" / f"{name}.json", rec)
-        records.append(rec)
-        return rec
 
-    record("original", original, evaluate(original),
-           {"time_s": None, "train_time_s": original_meta["train_time_s"], "hyperparameters": {}})
-    record("gold", gold, gold_metrics,
-           {"time_s": gold_meta["train_time_s"], "hyperparameters": cfg.train.to_dict()})
-    forget = TensorDataset(x_train[split.forget], y_train[split.forget])
-    retain = TensorDataset(x_train[split.retain], y_train[split.retain])
-    for name in cfg.methods:
-        method = make_method(name, **_method_kwargs(cfg, name, scenario, seed, device,
-                                                    model_name, data))
-        ctx.log(f"  unlearning with {name} ...")
-        synchronize(device)
-        start = time.perf_counter()
-        unlearned = method.unlearn(original, forget, retain)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        metrics = evaluate(unlearned)
-        rec = record(name, unlearned, metrics, {
-            "time_s": seconds,
-            "hyperparameters": method.hyperparameters(),
-            **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
-        })
-        ctx.log(f"  {name}: Acc_Dr {metrics['acc_retain']:.2f}  Acc_Df {metrics['acc_forget']:.2f}"
-                f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
-                f"  time {seconds:.1f} s")
-    return records
+def gold_seed(seed: int, j: int) -> int:
+    """Seed of the j-th gold model of run seed ``seed`` (j = 0: the seed itself)."""
+    return seed if j == 0 else seed * 1000 + j
+
+
+def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tensor,
+               split: ForgetSplit, x_train: torch.Tensor, y_train: torch.Tensor,
+               original: torch.nn.Module, gold: torch.nn.Module):
+    """``evaluate(model, is_gold=False, extended=True) -> (paper metrics, {"mia_family",
+    "distances"})`` (the second dict empty with ``extended=False``).
+
+    Trains (or loads) the ``gold_seeds - 1`` extra gold models first; every model's logits are
+    computed once per call.
+    """
+    data, device = ctx.data, ctx.device
+    outputs = lambda m: model_outputs(m, x_train, data.test_x, device)  # noqa: E731
+    extra = []
+    for j in range(1, ctx.cfg.gold_seeds):
+        other, _ = _gold_model(ctx, model_name=model_name, seed=gold_seed(seed, j),
+                               subset=subset, split=split, x_train=x_train, y_train=y_train)
+        extra.append((other, outputs(other)))
+    reference = build_reference(gold=gold, gold_outputs=outputs(gold), split=split,
+                                original=original, extra=extra)
+
+    def evaluate(model: torch.nn.Module, *, is_gold: bool = False,
+                 extended: bool = True) -> tuple[dict, dict]:
+        out = reference.gold_outputs if model is gold else outputs(model)
+        metrics = evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
+                                 x_test=data.test_x, y_test=data.test_y, device=device,
+                                 outputs=out)
+        if not extended:
+            return metrics, {}
+        return metrics, extended_metrics(model, out, reference, split=split, y_train=y_train,
+                                         y_test=data.test_y, seed=seed, is_gold=is_gold)
+
+    return evaluate
 
 
 def with_overrides(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:

@@ -1,9 +1,18 @@
-"""Tables built only from result records (the JSON files ``deepclean run`` writes).
+"""Tables, figures and the HTML report, built only from result records (the JSON files).
 
 One table per (data set, model, scenario), one row per method, in the layout of the paper's
 Tables 1-3: Acc_Dr, Acc_Df, Acc_test, MIA (all %), dAcc_Df and dMIA against the gold model
-(percentage points), the weights reset (number and %), and the unlearning time (seconds). With
-several seeds each cell is the mean ± the half-width of the 95 % t-interval over seeds.
+(percentage points), the weights reset (number and %), and the unlearning time (seconds); Table 4
+(the "Zero Weights" ablation) has the same columns for original, gold, Zero Weights and DeepClean.
+Three more tables carry the evaluation beyond the paper: the MIA family, the distances to gold
+and the summaries (Avg. Gap, tug of war, RTE), each with an "ideal" row stating the direction of
+every column, and the gold model's row first. With several seeds each cell is the mean ± the
+half-width of the 95 % t-interval over seeds.
+
+:func:`build_report` (``deepclean report RESULTS_DIR``) rebuilds everything from the files:
+``results.md`` / ``.csv`` / ``.tex`` (paper layout), ``tables/<name>.{md,csv,tex}`` for every
+table, ``figures/*.png`` and ``.svg`` (:mod:`deepclean.figures`), and ``report.html``
+(:mod:`deepclean.html_report`).
 """
 
 from __future__ import annotations
@@ -19,8 +28,17 @@ from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
 
-__all__ = ["load_records", "summarise", "markdown_tables", "csv_table", "write_tables",
-           "mean_ci"]
+__all__ = ["load_records", "load_sweep_records", "summarise", "markdown_tables", "csv_table",
+           "latex_tables", "write_tables", "build_report", "mean_ci", "TABLES"]
+
+
+def _get(r: dict[str, Any], *path: str) -> Any:
+    """``r[path[0]][path[1]]...`` or ``None`` where a key is missing (older records)."""
+    for key in path:
+        if not isinstance(r, dict) or r.get(key) is None:
+            return None
+        r = r[key]
+    return r
 
 _COLUMNS = [
     ("Acc_Dr", lambda r: r["metrics"]["acc_retain"], 2),
@@ -35,12 +53,85 @@ _COLUMNS = [
 ]
 _ORDER = {"original": 0, "gold": 1}
 
+# (label, getter, digits, ideal) per column of the evaluation-beyond-the-paper tables.
+_MIA_COLUMNS = [
+    ("MIA entropy (%)", lambda r: _get(r, "mia_family", "entropy_lr"), 2, "= gold"),
+    ("MIA-efficacy (%)", lambda r: _get(r, "mia_family", "efficacy"), 2, "= gold"),
+    ("Loss-LR acc. (%)", lambda r: _get(r, "mia_family", "loss_lr_accuracy"), 2,
+     "= gold (about 50)"),
+    ("LiRA AUC", lambda r: _get(r, "mia_family", "lira", "auc"), 3, "0.5"),
+    ("LiRA TPR@1%FPR (%)", lambda r: _get(r, "mia_family", "lira", "tpr_at_1fpr"), 2, "1"),
+]
+_DIST_COLUMNS = [
+    ("JS D_f", lambda r: _get(r, "distances", "forget", "js"), 4, "0"),
+    ("KL D_f", lambda r: _get(r, "distances", "forget", "kl"), 4, "0"),
+    ("Act. D_f", lambda r: _get(r, "distances", "forget", "activation"), 4, "0"),
+    ("JS test", lambda r: _get(r, "distances", "test", "js"), 4, "0"),
+    ("KL test", lambda r: _get(r, "distances", "test", "kl"), 4, "0"),
+    ("Act. test", lambda r: _get(r, "distances", "test", "activation"), 4, "0"),
+    ("W to gold", lambda r: _get(r, "distances", "weights_to_gold"), 2, "0"),
+    ("W to original", lambda r: _get(r, "distances", "weights_to_original"), 2, "(context)"),
+    ("JS D_f / gold-gold", lambda r: _get(r, "distances", "normalised", "forget", "js"), 2,
+     "<= 1"),
+    ("Act. D_f / gold-gold",
+     lambda r: _get(r, "distances", "normalised", "forget", "activation"), 2, "<= 1"),
+    ("W to gold / gold-gold", lambda r: _get(r, "distances", "normalised", "weights_to_gold"),
+     2, "<= 1"),
+]
+_SUMMARY_COLUMNS = [
+    ("Avg. Gap", lambda r: _get(r, "summary", "avg_gap"), 2, "0"),
+    ("Tug of war", lambda r: _get(r, "summary", "tug_of_war"), 4, "1"),
+    ("RTE", lambda r: _get(r, "summary", "rte"), 2, "higher"),
+    ("time (s)", lambda r: r.get("time_s"), 1, "lower"),
+]
+_PAPER_COLUMNS = [(label, get, digits, None) for label, get, digits in _COLUMNS]
+
+#: name -> (title, columns, methods kept or None for all, note)
+TABLES: dict[str, tuple[str, list, tuple[str, ...] | None, str]] = {
+    "paper": ("Tables 1-3 (paper layout)", _PAPER_COLUMNS, None,
+              "Accuracies and MIA in %; dAcc_Df and dMIA in points against gold (closer to 0 is "
+              "better); time in seconds: the unlearning step alone (gold: its training time; "
+              "original: not an unlearning method)."),
+    "ablation": ("Table 4 (ablation: Zero Weights)", _PAPER_COLUMNS,
+                 ("original", "gold", "zero_weights", "deepclean"),
+                 "Zero Weights: DeepClean's reset without the fine-tune."),
+    "mia": ("Membership inference family", _MIA_COLUMNS, None,
+            "Target: the gold model's value for every attack (row 'gold'). MIA entropy: % of D_f "
+            "called member (paper). MIA-efficacy: % of D_f called non-member (RBF SVC on p_y). "
+            "Loss-LR: attack accuracy D_f vs test, 5-fold CV on balanced sets. LiRA: per-example "
+            "offline attack against K gold models (needs --gold-models >= 2; gold's own value "
+            "needs K >= 3)."),
+    "distances": ("Distances to gold", _DIST_COLUMNS, None,
+                  "JS in bits (base 2), KL(gold || model) in nats averaged over samples, "
+                  "activation distance = mean L2 between probability vectors, W = L2 over all "
+                  "parameters. '/ gold-gold': divided by the same distance between two gold "
+                  "seeds (needs --gold-models >= 2)."),
+    "summary": ("Summaries", _SUMMARY_COLUMNS, None,
+                "Avg. Gap: mean |gap to gold| over Acc_Df, Acc_Dr, Acc_test, MIA (points). Tug of "
+                "war: product over D_f, D_r, test of (1 - |accuracy gap| / 100). RTE: gold "
+                "training time / unlearning time."),
+}
+
 
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every result record under ``results_dir`` (its ``results/`` folder, or itself)."""
+    """Every result record under ``results_dir`` (its ``results/`` folder, or itself).
+
+    JSON files that are not result records (``config.json``, ``sweep_config.json``) are skipped.
+    """
     root = Path(results_dir)
     folder = root / "results" if (root / "results").is_dir() else root
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    loaded = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [r for r in loaded if isinstance(r, dict) and _RECORD_KEYS <= r.keys()]
+
+
+_RECORD_KEYS = {"dataset", "model", "scenario", "method", "seed", "metrics"}
+
+
+def load_sweep_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every gamma-sweep record under ``results_dir/sweep`` (``deepclean sweep-gamma``)."""
+    folder = Path(results_dir) / "sweep"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() \
+        else []
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -55,7 +146,8 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
     return mean, float(t.ppf(0.975, n - 1) * sd / math.sqrt(n))
 
 
-def summarise(records: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+def summarise(records: Iterable[dict[str, Any]], columns: list | None = None
+              ) -> dict[tuple, list[dict[str, Any]]]:
     """Group records by (dataset, model, scenario) and aggregate each method over seeds.
 
     Returns:
@@ -70,7 +162,7 @@ def summarise(records: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, A
         rows = []
         for method, recs in methods.items():
             row: dict[str, Any] = {"method": method, "seeds": sorted(r["seed"] for r in recs)}
-            for label, get, _ in _COLUMNS:
+            for label, get, *_ in (columns or _COLUMNS):
                 values = [get(r) for r in recs]
                 values = [v for v in values if v is not None]
                 row[label] = mean_ci([float(v) for v in values]) if values else None
@@ -88,53 +180,149 @@ def _cell(value: tuple[float, float | None] | None, digits: int) -> str:
     return text if half is None else f"{text} ± {half:.{digits}f}"
 
 
-def markdown_tables(records: Iterable[dict[str, Any]]) -> str:
-    """Markdown tables, one per (data set, model, scenario)."""
+def _groups(records: Iterable[dict[str, Any]], table: str):
+    title, columns, keep, note = TABLES[table]
+    records = [r for r in records if keep is None or r["method"] in keep]
+    if keep is not None and not any(r["method"] == "zero_weights" for r in records):
+        return title, columns, note, {}
+    return title, columns, note, dict(sorted(summarise(records, columns).items()))
+
+
+def _ideal_row(columns: list) -> list[str] | None:
+    if all(c[3] is None for c in columns):
+        return None
+    return ["ideal"] + [c[3] or "" for c in columns]
+
+
+def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
+    """Markdown tables of kind ``table`` (a key of :data:`TABLES`), one per (data set, model,
+    scenario); an empty string when no record applies."""
+    title, columns, note, groups = _groups(list(records), table)
     parts = []
-    for (dataset, model, scenario), rows in sorted(summarise(records).items()):
+    for (dataset, model, scenario), rows in groups.items():
         seeds = sorted({s for row in rows for s in row["seeds"]})
-        header = ["Method"] + [label for label, _, _ in _COLUMNS]
+        header = ["Method"] + [c[0] for c in columns]
         lines = [
-            f"### {dataset} / {model} / {scenario} forgetting (seeds {seeds})",
+            f"### {title}: {dataset} / {model} / {scenario} forgetting (seeds {seeds})",
             "",
             "| " + " | ".join(header) + " |",
-            "|" + "|".join(["---"] + ["---:"] * len(_COLUMNS)) + "|",
+            "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|",
         ]
+        ideal = _ideal_row(columns)
+        if ideal:
+            lines.append("| " + " | ".join(f"*{c}*" if c else "" for c in ideal) + " |")
         for row in rows:
-            cells = [row["method"]] + [_cell(row[label], d) for label, _, d in _COLUMNS]
+            cells = [row["method"]] + [_cell(row[c[0]], c[2]) for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append(
-            "Accuracies and MIA in %; dAcc_Df and dMIA in points against gold (closer to 0 is "
-            "better); time in seconds: the unlearning step alone (gold: its training time; "
-            "original: not an unlearning method)."
-        )
+        lines += ["", note]
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n" if parts else ""
 
 
-def csv_table(records: Iterable[dict[str, Any]]) -> str:
-    """One CSV row per (data set, model, scenario, method) with means and interval half-widths."""
+def csv_table(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
+    """One CSV row per (data set, model, scenario, method) with means and interval half-widths
+    (columns of ``table``); the row with method ``ideal`` states each column's direction."""
+    title, columns, note, groups = _groups(list(records), table)
     buf = io.StringIO()
     writer = csv.writer(buf)
     header = ["dataset", "model", "scenario", "method", "n_seeds"]
-    for label, _, _ in _COLUMNS:
-        header += [label, f"{label} ci95"]
+    for c in columns:
+        header += [c[0], f"{c[0]} ci95"]
     writer.writerow(header)
-    for (dataset, model, scenario), rows in sorted(summarise(records).items()):
+    for (dataset, model, scenario), rows in groups.items():
+        ideal = _ideal_row(columns)
+        if ideal:
+            line = [dataset, model, scenario, "ideal", ""]
+            for text in ideal[1:]:
+                line += [text, ""]
+            writer.writerow(line)
         for row in rows:
-            line: list[Any] = [dataset, model, scenario, row["method"], len(row["seeds"])]
-            for label, _, _ in _COLUMNS:
-                value = row[label]
+            line = [dataset, model, scenario, row["method"], len(row["seeds"])]
+            for c in columns:
+                value = row[c[0]]
                 line += ["", ""] if value is None else [value[0], "" if value[1] is None else value[1]]
             writer.writerow(line)
     return buf.getvalue()
 
 
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+    return out.replace("±", r"$\pm$").replace("<=", r"$\le$")
+
+
+def latex_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
+    """LaTeX ``table`` environments (booktabs rules) of kind ``table``, one per group."""
+    title, columns, note, groups = _groups(list(records), table)
+    parts = []
+    for (dataset, model, scenario), rows in groups.items():
+        seeds = sorted({s for row in rows for s in row["seeds"]})
+        lines = [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\caption{" + _tex(f"{title}: {dataset} / {model} / {scenario} forgetting, "
+                                f"seeds {seeds}. {note}") + "}",
+            r"\begin{tabular}{l" + "r" * len(columns) + "}",
+            r"\toprule",
+            " & ".join(["Method"] + [_tex(c[0]) for c in columns]) + r" \\",
+            r"\midrule",
+        ]
+        ideal = _ideal_row(columns)
+        if ideal:
+            lines.append(" & ".join([r"\emph{ideal}"] + [_tex(c) for c in ideal[1:]]) + r" \\")
+            lines.append(r"\midrule")
+        for row in rows:
+            cells = [_tex(row["method"])] + [_tex(_cell(row[c[0]], c[2])) for c in columns]
+            lines.append(" & ".join(cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n" if parts else ""
+
+
 def write_tables(records: list[dict[str, Any]], out_dir: str | Path) -> str:
-    """Write ``results.md`` and ``results.csv`` into ``out_dir``; return the Markdown."""
+    """Write every table of :data:`TABLES` into ``out_dir``; return the Markdown of all of them.
+
+    Files: ``results.md`` / ``results.csv`` / ``results.tex`` (the paper layout) and
+    ``tables/<name>.md`` / ``.csv`` / ``.tex`` for every table that has rows.
+    """
     out_dir = Path(out_dir)
-    md = markdown_tables(records)
-    atomic_write_text(out_dir / "results.md", md)
+    atomic_write_text(out_dir / "results.md", markdown_tables(records))
     atomic_write_text(out_dir / "results.csv", csv_table(records))
+    atomic_write_text(out_dir / "results.tex", latex_tables(records))
+    parts = []
+    for name in TABLES:
+        md = markdown_tables(records, name)
+        if not md:
+            continue
+        parts.append(md)
+        atomic_write_text(out_dir / "tables" / f"{name}.md", md)
+        atomic_write_text(out_dir / "tables" / f"{name}.csv", csv_table(records, name))
+        atomic_write_text(out_dir / "tables" / f"{name}.tex", latex_tables(records, name))
+    return "\n".join(parts)
+
+
+def build_report(results_dir: str | Path, *, records: list[dict[str, Any]] | None = None) -> str:
+    """Rebuild every table, figure and the HTML report of ``results_dir`` from its JSON files.
+
+    Args:
+        records: the result records; ``None`` reads ``results_dir/results/*.json``. Sweep
+            records are always read from ``results_dir/sweep/*.json``.
+
+    Returns:
+        The Markdown of the tables.
+    """
+    from deepclean.figures import write_figures
+    from deepclean.html_report import write_html_report
+
+    results_dir = Path(results_dir)
+    if records is None:
+        records = load_records(results_dir)
+    sweep = load_sweep_records(results_dir)
+    md = write_tables(records, results_dir) if records else ""
+    figures = write_figures(records, sweep, results_dir / "figures")
+    write_html_report(records, sweep, figures, results_dir / "report.html")
     return md

@@ -324,8 +324,12 @@ def mia_family(
     forget_index: torch.Tensor | None = None,
     seed: int = 0,
     top_k: int = 10,
+    efficacy_max_per_class: int | None = 5000,
 ) -> dict[str, Any]:
     """Every attack of this module on one model, from its logits on D_r, D_f and test.
+
+    MIA-efficacy's RBF SVC is fitted on at most ``efficacy_max_per_class`` samples of D_r and of
+    test each (an SVC's fit grows quadratically; 5,000 per class keeps it to seconds on a CPU).
 
     ``reference_forget`` / ``reference_test`` are the logits of the reference gold models (for
     LiRA); with fewer than two, ``lira`` is ``None`` and ``lira_reason`` says why.
@@ -339,7 +343,8 @@ def mia_family(
         "entropy_lr": entropy_lr_mia(p_r, p_t, p_f),
         "efficacy": mia_efficacy(true_label_confidence(p_r, y_retain),
                                  true_label_confidence(p_t, y_test),
-                                 true_label_confidence(p_f, y_forget), seed=seed),
+                                 true_label_confidence(p_f, y_forget), seed=seed,
+                                 max_per_class=efficacy_max_per_class),
         "loss_lr_accuracy": loss_lr_mia(cross_entropy_loss(logits_forget, y_forget),
                                         cross_entropy_loss(logits_test, y_test), seed=seed),
     }

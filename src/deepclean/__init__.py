@@ -5,6 +5,7 @@ Privacy Sensitive Weights using the Fisher Diagonal" (arXiv 2311.10448), with th
 compared with and an evaluation harness (gold model, accuracies, membership inference, time).
 """
 
+from deepclean.audit import audit_record, evaluate_for_audit, format_audit, write_audit
 from deepclean.data import ImageData, available_datasets, load_dataset
 from deepclean.errors import (
     CheckpointError,
@@ -40,9 +41,11 @@ from deepclean.methods import (
 )
 from deepclean.metrics import accuracy, entropy, entropy_mia, membership_attack, predict_proba
 from deepclean.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
+from deepclean.reproducibility import deterministic, preserve_global_rng, set_deterministic
 from deepclean.selection import mask_summary, select_weights
 from deepclean.splits import ForgetSplit, class_split, index_split, make_split, random_split
 from deepclean.training import TrainConfig, train_model
+from deepclean.validation import check_same_split, unwrap_model
 
 __version__ = "0.1.0"
 
@@ -96,6 +99,16 @@ __all__ = [
     "entropy",
     "entropy_mia",
     "membership_attack",
+    # trust: reproducibility, audit, checks
+    "set_deterministic",
+    "deterministic",
+    "preserve_global_rng",
+    "audit_record",
+    "evaluate_for_audit",
+    "format_audit",
+    "write_audit",
+    "check_same_split",
+    "unwrap_model",
     # errors
     "DeepCleanError",
     "ConfigurationError",

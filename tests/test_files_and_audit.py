@@ -296,3 +296,13 @@ def test_an_experiment_leaves_the_global_random_state_alone(first_run, tmp_path)
     assert torch.equal(states[0], torch.get_rng_state())
     assert np.array_equal(states[1], np.random.get_state()[1])
     assert states[2] == random.getstate()
+
+
+def test_temporaries_left_by_a_killed_write_are_removed_on_resume(first_run, tmp_path):
+    root = _copy_run(first_run, tmp_path)
+    stale = root / "out" / "checkpoints" / f".{NAME}.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    keep = root / "out" / "notes.tmp"  # not one of ours: left alone
+    keep.write_text("user file")
+    run(tiny_config(root))
+    assert not stale.exists() and keep.read_text() == "user file"

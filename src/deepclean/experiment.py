@@ -442,7 +442,7 @@ def _run_experiment(
     """
     from deepclean.reporting import write_tables
 
-    from deepclean.resume import check_cache_dir, check_out_dir
+    from deepclean.resume import check_cache_dir, check_out_dir, remove_stale_temporaries
 
     config.validate()
     device = resolve_device(config.device)
@@ -452,6 +452,7 @@ def _run_experiment(
     check_cache_dir(cache_dir)
     if check_out_dir(out_dir, config_record):
         log(f"resuming in {out_dir}: finished results of this configuration are reused")
+        remove_stale_temporaries(out_dir)
     data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     _precheck(config, data)
     ctx = _Context(config, data, device, cache_dir, out_dir, log)

@@ -25,7 +25,7 @@ from typing import Any
 from deepclean.errors import CheckpointError, ConfigurationError
 
 __all__ = ["check_out_dir", "method_key", "load_finished", "IGNORED_CONFIG_FIELDS",
-           "check_cache_dir"]
+           "check_cache_dir", "remove_stale_temporaries"]
 
 # Fields of the configuration that do not change any result: where files are, progress bars, and
 # the list of methods (each method's result carries its own key).
@@ -143,3 +143,18 @@ def load_finished(
     if audit_path is not None and not audit_path.is_file():
         return None, "audit record missing"
     return record, "finished earlier with the same configuration"
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> int:
+    """Delete the hidden ``.<name>.<random>.tmp`` files that an atomic write killed half-way left
+    in ``out_dir`` and its own sub-folders (never anything else); returns how many."""
+    out_dir = Path(out_dir)
+    removed = 0
+    for folder in [out_dir, *(out_dir / name for name in _OWN_ENTRIES)]:
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed

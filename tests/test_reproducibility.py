@@ -183,3 +183,13 @@ def test_every_method_accepts_a_wrapped_model(name, tiny_data):
     out = make_method(name, **kwargs).unlearn(nn.DataParallel(_model()), forget, retain)
     assert not isinstance(out, nn.DataParallel)
     assert not any(k.startswith("module.") for k in out.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_runs_are_bitwise_identical_under_the_switch(tiny_data):
+    forget, retain = tiny_data
+    with deterministic(warn_only=True):
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        runs = [DeepClean(epochs=1, batch_size=32, device="cuda").unlearn(_model(), forget, retain)
+                for _ in range(2)]
+    assert _equal(runs[0].state_dict(), runs[1].state_dict())

@@ -139,6 +139,12 @@ class ExperimentConfig:
             method_class(m)  # raises with the list of valid names
         for m in self.hyperparameters:
             method_class(m)
+        for m in self.methods:
+            for scenario in self.scenarios:
+                # builds each method once (constructors only store and check hyperparameters), so
+                # that a bad value fails now rather than after the models are trained
+                make_method(m, **_method_kwargs(self, m, scenario, 0, torch.device("cpu"),
+                                                self.models[0], None))
         if not self.seeds:
             raise ConfigurationError("no seed given; expected at least one (e.g. --seeds 0)")
         if len(set(self.seeds)) != len(self.seeds):
@@ -362,7 +368,8 @@ def evaluate_model(
 
 
 def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
-                   device: torch.device, model_name: str, data: ImageData) -> dict[str, Any]:
+                   device: torch.device, model_name: str,
+                   data: ImageData | None) -> dict[str, Any]:
     import inspect
 
     accepted = inspect.signature(method_class(name).__init__).parameters
@@ -378,8 +385,9 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
     if name == "retrain":
         wanted.update(
             train_config=cfg.train,
-            builder=lambda s: build_model(model_name, in_channels=data.in_channels,
-                                          num_classes=data.num_classes, width=cfg.width, seed=s),
+            builder=None if data is None else lambda s: build_model(
+                model_name, in_channels=data.in_channels, num_classes=data.num_classes,
+                width=cfg.width, seed=s),
         )
     kwargs = {k: v for k, v in wanted.items() if k in accepted}
     kwargs.update(cfg.hyperparameters.get(name, {}))

@@ -139,6 +139,7 @@ class ExperimentConfig:
             method_class(m)  # raises with the list of valid names
         for m in self.hyperparameters:
             method_class(m)
+        _validate_more(self)
         for m in self.methods:
             for scenario in self.scenarios:
                 # builds each method once (constructors only store and check hyperparameters), so
@@ -153,7 +154,6 @@ class ExperimentConfig:
             raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
         if not self.width > 0:
             raise ConfigurationError(f"width must be > 0, got {self.width}")
-        _validate_more(self)
         if self.unlearn_epochs < 0:
             raise ConfigurationError(f"unlearn_epochs must be >= 0, got {self.unlearn_epochs}")
 
@@ -182,13 +182,6 @@ def _validate_more(cfg: ExperimentConfig) -> None:
             check_index_values(list(cfg.forget_indices))
         except DataError as exc:
             raise ConfigurationError(str(exc)) from exc
-    for name in dict.fromkeys((*cfg.methods, *cfg.hyperparameters)):
-        # constructors only validate and store hyperparameters: a bad one fails here, not after
-        # the original and gold models were trained
-        try:
-            make_method(name, **cfg.hyperparameters.get(name, {}))
-        except TypeError:  # a required argument the harness supplies later (Retrain's builder)
-            pass
     if "class" in cfg.scenarios:
         if not cfg.forget_classes:
             raise ConfigurationError(

@@ -255,7 +255,8 @@ def test_no_store_indices_keeps_only_the_hash(tmp_path):
 def test_audit_record_without_a_gold_model(tmp_path, tiny_data):
     forget, retain = tiny_data
     g = torch.Generator().manual_seed(5)
-    test = TensorDataset(torch.randn(60, 1, 8, 8, generator=g), torch.randint(0, 10, (60,), generator=g))
+    test = TensorDataset(torch.randn(60, 1, 8, 8, generator=g),
+                         torch.randint(0, 10, (60,), generator=g))
     model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=0)
     method = DeepClean(epochs=1, batch_size=64)
     unlearned = method.unlearn(model, forget, retain)

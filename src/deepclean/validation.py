@@ -24,6 +24,8 @@ __all__ = [
     "check_inputs",
     "check_forward",
     "check_num_classes",
+    "check_labels_fit",
+    "check_index_values",
     "check_disjoint",
     "check_gamma",
     "check_parameter_keys",
@@ -245,7 +247,9 @@ def check_parameter_keys(
     return given
 
 
-def check_same_split(metadata: Mapping[str, Any], split_or_digest: Any, *, what: str = "gold model") -> None:
+def check_same_split(
+    metadata: Mapping[str, Any], split_or_digest: Any, *, what: str = "gold model"
+) -> None:
     """Raise unless a model's checkpoint metadata records the forget set being evaluated.
 
     Args:

@@ -78,10 +78,12 @@ def test_end_to_end_on_fashion_mnist(tmp_path, capsys):
                  "figures/fig2_fashion-mnist_small_cnn_class.svg"):
         assert (out / name).is_file(), name
 
-    # the second run reuses the cached original and gold models and reproduces every metric
+    # the second run reuses the cached original and gold models and the finished results
     assert main(argv) == 0
     second = capsys.readouterr().out
-    assert second.count("reused") == 3 and "training on" not in second
+    assert second.count("model: reused") == 3 and "training on" not in second
+    # finished method results of the same configuration are reused, not recomputed (issue 6)
+    assert second.count("reused the finished result") == 4 and "unlearning with" not in second
     again = json.loads((out / "results" / "fashion-mnist_small_cnn_class_deepclean_seed0.json").read_text())
     assert again["metrics"] == dc["metrics"]
     assert "training on" in first

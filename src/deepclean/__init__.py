@@ -5,6 +5,7 @@ Privacy Sensitive Weights using the Fisher Diagonal" (arXiv 2311.10448), with th
 compared with and an evaluation harness (gold model, accuracies, membership inference, time).
 """
 
+from deepclean.audit import audit_record, evaluate_for_audit, format_audit, write_audit
 from deepclean.data import ImageData, available_datasets, load_dataset
 from deepclean.errors import (
     CheckpointError,
@@ -53,10 +54,12 @@ from deepclean.mia import (
     mia_family,
 )
 from deepclean.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
+from deepclean.reproducibility import deterministic, preserve_global_rng, set_deterministic
 from deepclean.selection import mask_summary, select_weights
 from deepclean.summaries import avg_gap, relative_time_efficiency, tug_of_war
 from deepclean.splits import ForgetSplit, class_split, index_split, make_split, random_split
 from deepclean.training import TrainConfig, train_model
+from deepclean.validation import check_same_split, unwrap_model
 
 __version__ = "0.1.0"
 
@@ -122,6 +125,16 @@ __all__ = [
     "avg_gap",
     "tug_of_war",
     "relative_time_efficiency",
+    # trust: reproducibility, audit, checks
+    "set_deterministic",
+    "deterministic",
+    "preserve_global_rng",
+    "audit_record",
+    "evaluate_for_audit",
+    "format_audit",
+    "write_audit",
+    "check_same_split",
+    "unwrap_model",
     # errors
     "DeepCleanError",
     "ConfigurationError",

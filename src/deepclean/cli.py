@@ -70,13 +70,29 @@ def _read_indices(path: str) -> tuple[int, ...]:
             f"--forget-indices: {path} does not exist; expected a JSON list or a text file with "
             "one training index per line"
         )
-    text = p.read_text().strip()
+    try:
+        text = p.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(
+            f"--forget-indices: {path} cannot be read as text ({exc}); expected a JSON list or "
+            "one training index per line"
+        ) from exc
     try:
         values = json.loads(text) if text.startswith("[") else text.split()
-        return tuple(int(v) for v in values)
+        if not isinstance(values, list):
+            raise TypeError("not a list")
+        out = []
+        for v in values:
+            if isinstance(v, str):
+                v = int(v)  # "1.5" and "a" raise ValueError
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{v!r} is not an integer")
+            out.append(v)
+        return tuple(out)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(
-            f"--forget-indices: {path} must hold integers (a JSON list, or one per line)"
+            f"--forget-indices: {path} must hold integers (a JSON list, or one per line); "
+            f"{exc}. Write whole-number training indices such as [3, 17, 42]."
         ) from exc
 
 
@@ -92,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepclean",
         description="Machine unlearning of PyTorch classifiers (DeepClean, arXiv 2311.10448).",
     )
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, show the Python traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -161,6 +179,10 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--no-store-indices", action="store_true",
+                     help="write only the SHA-256 of the forget indices (manifests, audit)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic torch kernels (reproducible results on CUDA)")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -194,6 +216,10 @@ def _config_from_args(args: argparse.Namespace):
         fields["download"] = True
     if args.no_progress:
         fields["progress"] = False
+    if args.no_store_indices:
+        fields["store_indices"] = False
+    if args.deterministic:
+        fields["deterministic"] = True
     if args.methods is not None:
         if args.methods == ("all",):
             fields["methods"] = tuple(m for m in available_methods() if m != "retrain")
@@ -241,6 +267,10 @@ def _cmd_report(results_dir: str) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deepclean`` command; returns the exit status."""
     parser = build_parser()
@@ -271,8 +301,15 @@ def main(argv: list[str] | None = None) -> int:
               "tables/, figures/, report.html, results/, splits/, checkpoints/)")
         return 0
     except DeepCleanError as exc:
-        print(f"deepclean: error: {exc}", file=sys.stderr)
+        if args.traceback:
+            raise
+        print(f"deepclean: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder that cannot be written, a full disk
+        if args.traceback:
+            raise
+        print(f"deepclean: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("deepclean: interrupted", file=sys.stderr)
         return 130

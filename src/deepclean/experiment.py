@@ -48,6 +48,7 @@ from deepclean.models import available_models, build_model
 from deepclean.splits import SCENARIOS, ForgetSplit, make_split
 from deepclean.summaries import summary as summary_of
 from deepclean.training import TrainConfig, resolve_device, synchronize, train_model
+from deepclean.audit import utc_now
 
 __all__ = [
     "ExperimentConfig",
@@ -92,6 +93,10 @@ class ExperimentConfig:
         cache_dir: where trained original and gold models are cached.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
         progress: show progress bars.
+        store_indices: write the forget indices into split manifests and audit records; with
+            ``False`` only their SHA-256 and count are written.
+        deterministic: run under :func:`deepclean.set_deterministic` (``warn_only``), for
+            reproducible results on CUDA.
     """
 
     dataset: str = "fashion-mnist"
@@ -117,6 +122,8 @@ class ExperimentConfig:
     cache_dir: str | None = None
     device: str = "auto"
     progress: bool = True
+    store_indices: bool = True
+    deterministic: bool = False
 
     def validate(self) -> None:
         """Check every field before any work.
@@ -137,13 +144,16 @@ class ExperimentConfig:
         if not self.scenarios:
             raise ConfigurationError("no scenario given; expected at least one of random, class")
         if "indices" in self.scenarios and not self.forget_indices:
+            got = "an empty list (empty forget set)" if self.forget_indices is not None else "none"
             raise ConfigurationError(
-                "scenario 'indices' needs the training indices to forget (--forget-indices FILE)"
+                "scenario 'indices' needs the training indices to forget (--forget-indices FILE); "
+                f"got {got}. Expected at least one index."
             )
         for m in self.methods:
             method_class(m)  # raises with the list of valid names
         for m in self.hyperparameters:
             method_class(m)
+        _validate_more(self)
         for m in self.methods:
             for scenario in self.scenarios:
                 # builds each method once (constructors only store and check hyperparameters), so
@@ -162,9 +172,6 @@ class ExperimentConfig:
             raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
         if not self.width > 0:
             raise ConfigurationError(f"width must be > 0, got {self.width}")
-        for key in ("gamma_random", "gamma_class", "unlearn_lr"):
-            if not getattr(self, key) > 0:
-                raise ConfigurationError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.unlearn_epochs < 0:
             raise ConfigurationError(f"unlearn_epochs must be >= 0, got {self.unlearn_epochs}")
 
@@ -172,6 +179,57 @@ class ExperimentConfig:
         d = asdict(self)
         d["train"] = self.train.to_dict()
         return d
+
+
+def _validate_more(cfg: ExperimentConfig) -> None:
+    """Checks of values that need no data: thresholds, fractions, indices, classes."""
+    from deepclean.validation import check_gamma, check_index_values
+
+    for key in ("gamma_random", "gamma_class", "unlearn_lr"):
+        check_gamma(getattr(cfg, key), key)
+    f = cfg.forget_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+        raise ConfigurationError(
+            f"forget_fraction must lie in (0, 1), got {f!r}; e.g. 0.1 forgets 10 % of the "
+            "training samples"
+        )
+    if cfg.forget_indices is not None:
+        from deepclean.errors import DataError
+
+        try:
+            check_index_values(list(cfg.forget_indices))
+        except DataError as exc:
+            raise ConfigurationError(str(exc)) from exc
+    if "class" in cfg.scenarios:
+        if not cfg.forget_classes:
+            raise ConfigurationError(
+                "scenario 'class' needs at least one class to forget (--forget-class 0)"
+            )
+        for c in cfg.forget_classes:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                raise ConfigurationError(
+                    f"forget classes must be integers >= 0, got {c!r}; e.g. --forget-class 0"
+                )
+
+
+def _precheck(cfg: ExperimentConfig, data: ImageData) -> None:
+    """Every split of the run, built before any training: a forget class absent from the data,
+    forget indices out of range and the like fail here, not after an hour of training."""
+    from deepclean.errors import DataError
+
+    if "class" in cfg.scenarios:
+        bad = [c for c in cfg.forget_classes if not 0 <= c < data.num_classes]
+        if bad:
+            raise DataError(
+                f"forget class(es) {bad} are absent from {cfg.dataset}, whose classes are 0 to "
+                f"{data.num_classes - 1}; pass --forget-class with one of those"
+            )
+    for seed in cfg.seeds:
+        subset = _subsample(data, cfg.train_size, seed)
+        labels = data.train_y[subset]
+        for scenario in cfg.scenarios:
+            make_split(scenario, labels, fraction=cfg.forget_fraction,
+                       classes=cfg.forget_classes, indices=cfg.forget_indices, seed=seed)
 
 
 def preset(name: str, dataset: str = "fashion-mnist") -> dict[str, Any]:
@@ -272,6 +330,8 @@ def _train_or_load(
     if path.is_file():
         try:
             state, meta = load_checkpoint(path)
+            if not meta.get("state_sha256"):
+                raise CheckpointError(f"{path} records no tensor hash")
             if meta.get("key") == key:
                 model.load_state_dict(strip_module_prefix(state), strict=True)
                 ctx.log(f"  {kind} model: reused {path}")
@@ -368,6 +428,25 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def run_experiment(
     config: ExperimentConfig, *, log: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
+    """Run the experiment described by ``config`` (see :func:`_run_experiment` for the files).
+
+    The caller's global random states (torch, NumPy, Python) are the same afterwards; with
+    ``config.deterministic`` the run is under :func:`deepclean.reproducibility.deterministic`.
+    An interrupted run started again with the same configuration and ``out_dir`` resumes: cached
+    models and finished method results are reused (:mod:`deepclean.resume`).
+    """
+    from contextlib import nullcontext
+
+    from deepclean.reproducibility import deterministic, preserve_global_rng
+
+    switch = deterministic(warn_only=True) if config.deterministic is True else nullcontext()
+    with preserve_global_rng(), switch:
+        return _run_experiment(config, log=log)
+
+
+def _run_experiment(
+    config: ExperimentConfig, *, log: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
     """Run the experiment described by ``config`` and write its files into ``config.out_dir``.
 
     Files written (each atomically):
@@ -382,19 +461,32 @@ def run_experiment(
     Each record holds, besides ``metrics`` and ``gaps``, ``mia_family`` (the four attacks of
     :func:`deepclean.mia.mia_family`), ``distances`` (:func:`deepclean.distances.distances_to_gold`)
     and ``summary`` (Avg. Gap, tug of war, RTE).
+    - ``audit/<...>.json`` and ``.txt``: the audit record of every unlearning.
 
     Returns:
         The result records (the JSON payloads).
 
     Raises:
-        ConfigurationError, DataError, DataNotFoundError: invalid configuration or data, before any
+        ConfigurationError, DataError, DataNotFoundError: invalid configuration or data, an
+            output folder that is a file or holds another configuration's results, before any
             training starts.
+        SplitMismatchError: a gold model recorded for another split.
     """
     from deepclean.reporting import build_report
 
+    from deepclean.resume import check_cache_dir, check_out_dir, remove_stale_temporaries
+
+    config.validate()
+    out_dir = Path(config.out_dir)
+    config_record = config.to_dict() | {"device_used": str(resolve_device(config.device))}
+    check_cache_dir(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+    if check_out_dir(out_dir, config_record):
+        log(f"resuming in {out_dir}: finished results of this configuration are reused")
+        remove_stale_temporaries(out_dir)
     ctx = _make_context(config, log)
     data, device, out_dir = ctx.data, ctx.device, ctx.out_dir
-    _write_json(out_dir / "config.json", config.to_dict() | {"device_used": str(device)})
+    _precheck(config, data)
+    _write_json(out_dir / "config.json", config_record)
     records: list[dict[str, Any]] = []
     for seed in config.seeds:
         subset, x_train, y_train = _training_subset(ctx, seed)
@@ -454,9 +546,10 @@ def _run_scenario(
     }
     stem = f"{cfg.dataset}_{model_name}_{scenario}"
     records = []
+    original_sha = original_meta.get("state_sha256") or _state_sha(original)
 
     def record(method: str, model: torch.nn.Module, evaluated: tuple[dict, dict],
-               extra: dict) -> dict:
+               extra: dict, audit: dict | None = None) -> dict:
         metrics, extended = evaluated
         rec = base | {"method": method, "metrics": metrics} | extended | extra
         rec["gaps"] = {
@@ -468,9 +561,14 @@ def _run_scenario(
         rec["summary"] = summary_of(metrics, gold_metrics, time_s=rec.get("time_s"),
                                     gold_time_s=gold_meta["train_time_s"])
         name = f"{stem}_{method}_seed{seed}"
+        rec["state_sha256"] = _state_sha(model)
+        # checkpoint, then audit record, then result JSON (the mark of a finished method)
         save_checkpoint(ctx.out_dir / "checkpoints" / f"{name}.safetensors", model,
                         {"method": method, "forget_sha256": split.digest, "seed": seed,
                          "dataset": cfg.dataset, "model": model_name, "width": cfg.width})
+        if audit is not None:
+            _write_audit(ctx, name, audit, original=original, unlearned=model, split=split,
+                         metrics=metrics, gold_metrics=gold_metrics, rec=rec)
         _write_json(ctx.out_dir / "results" / f"{name}.json", rec)
         records.append(rec)
         return rec
@@ -484,19 +582,29 @@ def _run_scenario(
     for name in cfg.methods:
         method = make_method(name, **_method_kwargs(cfg, name, scenario, seed, device,
                                                     model_name, data))
+        resume_key = _resume_key(base, original_sha, name, method.hyperparameters())
+        done = _reuse_finished(ctx, f"{stem}_{name}_seed{seed}", resume_key)
+        if done is not None:
+            records.append(done)
+            ctx.log(f"  {name}: reused the finished result of an earlier run")
+            continue
         ctx.log(f"  unlearning with {name} ...")
+        started_at = utc_now()
         synchronize(device)
         start = time.perf_counter()
         unlearned = method.unlearn(original, forget, retain)
         synchronize(device)
         seconds = time.perf_counter() - start
+        finished_at = utc_now()
         evaluated = evaluate(unlearned)
         metrics = evaluated[0]
         rec = record(name, unlearned, evaluated, {
             "time_s": seconds,
             "hyperparameters": method.hyperparameters(),
+            "resume_key": resume_key,
             **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
-        })
+        }, audit={"method": method, "started_at": started_at, "finished_at": finished_at,
+                  "duration_s": seconds})
         ctx.log(f"  {name}: Acc_Dr {metrics['acc_retain']:.2f}  Acc_Df {metrics['acc_forget']:.2f}"
                 f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
                 f"  time {seconds:.1f} s")
@@ -540,7 +648,7 @@ def _split_and_gold(ctx: _Context, *, scenario: str, seed: int, model_name: str,
         scenario, y_train, fraction=cfg.forget_fraction, classes=cfg.forget_classes,
         indices=cfg.forget_indices, seed=seed,
     )
-    manifest = split.manifest() | {
+    manifest = split.manifest(store_indices=cfg.store_indices) | {
         "dataset": cfg.dataset,
         "seed": seed,
         "train_subset": subset.tolist() if cfg.train_size is not None else "all",
@@ -557,12 +665,15 @@ def _split_and_gold(ctx: _Context, *, scenario: str, seed: int, model_name: str,
 
 def _gold_model(ctx: _Context, *, model_name: str, seed: int, subset: torch.Tensor,
                 split: ForgetSplit, x_train: torch.Tensor, y_train: torch.Tensor):
-    return _train_or_load(
+    """A gold model of ``split`` (trained or cached); one recorded for another split raises."""
+    gold, gold_meta = _train_or_load(
         ctx, kind="gold", model_name=model_name, seed=seed, x=x_train[split.retain],
         y=y_train[split.retain],
         determinants={"train_subset_sha256": _digest_indices(subset),
                       "forget_sha256": split.digest},
     )
+    _check_gold_split(gold_meta, split)
+    return gold, gold_meta
 
 
 def gold_seed(seed: int, j: int) -> int:
@@ -601,6 +712,65 @@ def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tenso
                                          y_test=data.test_y, seed=seed, is_gold=is_gold)
 
     return evaluate
+
+
+def _state_sha(model: torch.nn.Module) -> str:
+    from deepclean.checkpoint import state_digest
+
+    return state_digest(strip_module_prefix(model.state_dict()))
+
+
+def _check_gold_split(gold_meta: dict[str, Any], split: ForgetSplit) -> None:
+    """Refuse a gold model recorded for another split (SplitMismatchError), before evaluation."""
+    from deepclean.validation import check_same_split
+
+    check_same_split(gold_meta, split, what="gold model")
+
+
+def _resume_key(base: dict[str, Any], original_sha: str, method: str,
+                hyperparameters: dict[str, Any]) -> str:
+    """Hash of everything one method's result depends on (see :mod:`deepclean.resume`)."""
+    import deepclean
+    from deepclean.resume import method_key
+
+    return method_key({
+        "base": {k: v for k, v in base.items() if k not in ("gold_metrics", "gold_time_s")},
+        "original_sha256": original_sha, "method": method, "hyperparameters": hyperparameters,
+        "deepclean_version": deepclean.__version__,
+    })
+
+
+def _reuse_finished(ctx: _Context, name: str, key: str) -> dict[str, Any] | None:
+    """The finished result ``name`` of an earlier run with the same key, else ``None``."""
+    from deepclean.resume import load_finished
+
+    record, why = load_finished(
+        ctx.out_dir / "results" / f"{name}.json",
+        ctx.out_dir / "checkpoints" / f"{name}.safetensors", key,
+        audit_path=ctx.out_dir / "audit" / f"{name}.json",
+    )
+    if record is None and why != "no result yet":
+        ctx.log(f"  {name}: recomputing ({why})")
+    return record
+
+
+def _write_audit(ctx: _Context, name: str, audit: dict[str, Any], *, original: torch.nn.Module,
+                 unlearned: torch.nn.Module, split: ForgetSplit, metrics: dict[str, float],
+                 gold_metrics: dict[str, float], rec: dict[str, Any]) -> None:
+    from deepclean.audit import audit_record, write_audit
+
+    report = audit_record(
+        before=original, after=unlearned, forget_indices=split.forget, n_train=split.n,
+        method=audit["method"], metrics=metrics, gold_metrics=gold_metrics,
+        started_at=audit["started_at"], finished_at=audit["finished_at"],
+        duration_s=audit["duration_s"], store_indices=ctx.cfg.store_indices,
+        extra={"dataset": rec["dataset"], "model": rec["model"], "scenario": rec["scenario"],
+               "seed": rec["seed"], "forget_sha256": split.digest,
+               "indices_refer_to": "the training subset (see splits/ for its map to the data set)",
+               "checkpoint": f"checkpoints/{name}.safetensors",
+               "result": f"results/{name}.json", "device": str(ctx.device)},
+    )
+    write_audit(report, ctx.out_dir / "audit", name)
 
 
 def with_overrides(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:

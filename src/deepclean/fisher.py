@@ -480,15 +480,26 @@ def fisher_diagonal(
         each of that parameter's shape, dtype ``dtype`` (or the model's), on the CPU: the mean over
         samples of the squared gradient of ``log p(y | x)``. Units: (log-likelihood / weight)^2.
 
+    A DataParallel / DistributedDataParallel model is unwrapped first: the keys carry no
+    ``module.`` prefix.
+
     Raises:
-        DataError: the data set is empty or its labels are out of range for the model's output.
-        ConfigurationError: ``batch_size < 1``, a BatchNorm without running statistics, or a
+        DataError: the data set is empty, its inputs are not finite floats or do not fit the model,
+            or its labels are not integers in range for the model's output.
+        ConfigurationError: ``batch_size < 1``, no trainable parameter, a BatchNorm without
+            running statistics, or a
             parameterised module that does not take and return a single tensor.
     """
-    if batch_size < 1:
-        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+    from deepclean.validation import check_forward, check_inputs, check_trainable, unwrap_model
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_trainable(model)
+    model = unwrap_model(model)  # keys without "module."; no hooks on DataParallel replicas
     _check_model(model)
     x_all, y_all = as_tensors(data)
+    check_inputs(x_all, y_all, "data set")
+    check_forward(model, x_all, "data set")
     first = next(model.parameters(), None)
     if first is None:
         raise ConfigurationError("the model has no parameters; nothing to compute")

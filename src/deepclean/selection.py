@@ -14,11 +14,9 @@ without division as ``I_f > gamma * I_r``. Hence
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from deepclean.errors import ConfigurationError, MaskError
+from deepclean.errors import MaskError
 
 __all__ = ["select_weights", "mask_summary", "check_mask"]
 
@@ -37,14 +35,26 @@ def select_weights(
 
     Returns:
         ``{name: bool tensor}`` of each parameter's shape; True marks a weight in W_f (to reset).
+        Names carry no ``module.`` prefix (it is removed from both inputs when present).
 
     Raises:
         ConfigurationError: ``gamma`` is not a finite number > 0.
         MaskError: the two dictionaries have different keys or shapes, or hold negative or NaN
             values.
     """
-    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
-        raise ConfigurationError(f"gamma must be a finite number > 0, got {gamma!r}")
+    from deepclean.checkpoint import strip_module_prefix
+    from deepclean.validation import check_gamma
+
+    check_gamma(gamma)
+    for label, d in (("forget", fisher_forget), ("retain", fisher_retain)):
+        if not isinstance(d, dict) or not all(isinstance(t, torch.Tensor) for t in d.values()):
+            raise MaskError(
+                f"the {label} Fisher must be a dict {{parameter name: tensor}}, got "
+                f"{type(d).__name__}; pass the output of deepclean.fisher_diagonal"
+            )
+    # A "module." prefix (DataParallel) on one side or both never causes a mismatch.
+    fisher_forget = strip_module_prefix(fisher_forget)
+    fisher_retain = strip_module_prefix(fisher_retain)
     if set(fisher_forget) != set(fisher_retain):
         only_f = sorted(set(fisher_forget) - set(fisher_retain))
         only_r = sorted(set(fisher_retain) - set(fisher_forget))

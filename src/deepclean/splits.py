@@ -72,8 +72,10 @@ def random_split(n: int, fraction: float, *, seed: int) -> ForgetSplit:
     Raises:
         DataError: ``fraction`` not in (0, 1), or it selects no sample or every sample.
     """
-    if not 0 < fraction < 1:
-        raise DataError(f"the forget fraction must lie in (0, 1), got {fraction}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise DataError(
+            f"the forget fraction must lie in (0, 1), got {fraction!r}; e.g. 0.1 forgets 10 %"
+        )
     k = int(round(fraction * n))
     if k < 1 or k >= n:
         raise DataError(
@@ -92,7 +94,9 @@ def class_split(labels: torch.Tensor, classes: Sequence[int]) -> ForgetSplit:
     Raises:
         DataError: no class given, a class with no sample, or every sample selected.
     """
-    classes = sorted({int(c) for c in classes})
+    from deepclean.validation import check_index_values
+
+    classes = sorted(set(check_index_values(list(classes), "forget classes")))
     if not classes:
         raise DataError("class forgetting needs at least one class to forget")
     present = set(labels.unique().tolist())
@@ -100,11 +104,14 @@ def class_split(labels: torch.Tensor, classes: Sequence[int]) -> ForgetSplit:
     if missing:
         raise DataError(
             f"class(es) {missing} have no training sample; the labels present are "
-            f"{sorted(present)}"
+            f"{sorted(present)}. Choose a forget class among them."
         )
     forget = torch.nonzero(torch.isin(labels, torch.tensor(classes))).flatten()
     if forget.numel() == labels.numel():
-        raise DataError("forgetting these classes leaves D_r empty; keep at least one class")
+        raise DataError(
+            f"forgetting class(es) {classes} takes every training sample and leaves D_r empty; "
+            "expected at least one class to remain. Forget fewer classes."
+        )
     return ForgetSplit("class", forget, _complement(labels.numel(), forget), labels.numel(),
                        {"classes": classes})
 
@@ -115,20 +122,45 @@ def index_split(n: int, indices: Sequence[int]) -> ForgetSplit:
     Raises:
         DataError: empty request, an index outside ``[0, n)``, a duplicate, or every sample.
     """
-    idx = torch.as_tensor(list(indices), dtype=torch.int64)
+    from deepclean.validation import check_index_values
+
+    if isinstance(indices, (str, bytes)):
+        raise DataError(
+            f"the forget indices must be a sequence of integers, got the string {indices!r}; "
+            "pass e.g. [3, 17, 42]"
+        )
+    idx = torch.as_tensor(check_index_values(indices), dtype=torch.int64)
     if idx.numel() == 0:
-        raise DataError("the deletion request holds no index; expected at least one")
-    bad = idx[(idx < 0) | (idx >= n)]
+        raise DataError(
+            "the deletion request holds no index (empty forget set); expected at least one "
+            "training-set index to forget"
+        )
+    negative = idx[idx < 0]
+    if negative.numel():
+        raise DataError(
+            f"forget indices must be >= 0 (positions in the training set), got negative values "
+            f"{negative[:5].tolist()}; Python-style negative indexing is not accepted"
+        )
+    bad = idx[idx >= n]
     if bad.numel():
         raise DataError(
             f"forget indices must lie in [0, {n}) for a training set of {n} samples; got "
-            f"{bad[:5].tolist()}"
+            f"{bad[:5].tolist()}. Index the training set that is being unlearned (with "
+            "--train-size, the drawn subset)."
         )
     uniq = idx.unique()
     if uniq.numel() != idx.numel():
-        raise DataError("the deletion request lists some index more than once; remove duplicates")
+        counts = torch.bincount(idx - idx.min())
+        dup = (torch.nonzero(counts > 1).flatten() + idx.min())[:5].tolist()
+        raise DataError(
+            f"the deletion request lists some index more than once (e.g. {dup}); expected each "
+            "index once. Remove the duplicates."
+        )
     if uniq.numel() == n:
-        raise DataError("the deletion request covers every training sample; D_r would be empty")
+        raise DataError(
+            f"the deletion request covers every one of the {n} training samples, so D_r would be "
+            "empty; expected a strict subset. To forget everything, train a new model instead."
+        )
     return ForgetSplit("indices", uniq, _complement(n, uniq), n, {"n_requested": int(idx.numel())})
 
 

@@ -73,14 +73,24 @@ class Unlearner(ABC):
             retain: D_r, same format.
 
         Returns:
-            A new ``nn.Module`` in eval mode on the method's device.
+            A new ``nn.Module`` in eval mode on the method's device (a DataParallel or
+            DistributedDataParallel model is unwrapped: the result is the inner module, whose
+            parameter names carry no ``module.`` prefix).
 
         Raises:
-            DataError: D_f or D_r is empty, or their samples have different shapes.
+            ConfigurationError: the model has no trainable parameter.
+            DataError: before any work, when D_f or D_r is empty, they share samples, their inputs
+                are not finite floats or do not fit the model, or labels are not integers in
+                ``[0, K)`` for a model with K outputs (see :func:`prepare_inputs`).
         """
         work, xf, yf, xr, yr, device = prepare_inputs(model, forget, retain, self.device)
         self.info_ = {}
-        out = self._unlearn(work, xf, yf, xr, yr, device)
+        # Anything that draws from torch's global generator (dropout in a user's model) draws from
+        # a private copy seeded from ``seed``: reproducible, and the caller's state is untouched.
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed * 1_000_003 + 999_983)
+            out = self._unlearn(work, xf, yf, xr, yr, device)
         return out.eval()
 
     @abstractmethod
@@ -110,20 +120,43 @@ def prepare_inputs(
     retain: Dataset,
     device: str | torch.device | None,
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.device]:
-    """Validate D_f and D_r, materialise them, and deep-copy the model to the device."""
-    if not isinstance(model, nn.Module):
-        raise ConfigurationError(f"expected an nn.Module as the model, got {type(model).__name__}")
+    """Validate the model, D_f and D_r before any work, materialise the data, and deep-copy the
+    model (unwrapped from DataParallel / DistributedDataParallel) to the device.
+
+    Raises:
+        ConfigurationError: not a module, or no trainable parameter.
+        DataError: an empty set, the same samples in D_f and D_r (``Subset`` views of one data
+            set), non-float or non-finite inputs, non-integer labels, inputs the model does not
+            accept, or labels outside the model's outputs.
+    """
+    from deepclean.validation import (
+        check_disjoint,
+        check_forward,
+        check_inputs,
+        check_labels_fit,
+        check_trainable,
+        unwrap_model,
+    )
+
+    check_trainable(model)
+    model = unwrap_model(model)
     for label, ds in (("forget set D_f", forget), ("retain set D_r", retain)):
         try:
             size = len(ds)  # type: ignore[arg-type]
         except TypeError as exc:
-            raise DataError(f"the {label} must be a sized torch Dataset of (x, y)") from exc
+            raise DataError(
+                f"the {label} must be a sized torch Dataset of (x, y) pairs, got "
+                f"{type(ds).__name__}; wrap tensors in torch.utils.data.TensorDataset(x, y)"
+            ) from exc
         if size == 0:
             raise DataError(
                 f"the {label} is empty; unlearning needs at least one sample in D_f and in D_r"
             )
+    check_disjoint(forget, retain)
     xf, yf = as_tensors(forget)
     xr, yr = as_tensors(retain)
+    check_inputs(xf, yf, "forget set D_f")
+    check_inputs(xr, yr, "retain set D_r")
     if xf.shape[1:] != xr.shape[1:]:
         raise DataError(
             f"D_f samples have shape {tuple(xf.shape[1:])} but D_r samples "
@@ -137,6 +170,9 @@ def prepare_inputs(
 
         dev = resolve_device(device)
     work = copy.deepcopy(model).to(dev)
+    outputs = check_forward(work, xf, "forget set D_f")
+    check_labels_fit(yf, outputs, "forget set D_f")
+    check_labels_fit(yr, outputs, "retain set D_r")
     return work, xf, yf, xr, yr, dev
 
 
@@ -192,10 +228,15 @@ def make_method(name: str, **hyperparameters: Any) -> Unlearner:
 
 
 def check_positive(**values: float) -> None:
-    """Raise :class:`ConfigurationError` unless every value is > 0."""
+    """Raise :class:`ConfigurationError` unless every value is a finite number > 0."""
+    import math
+
     for key, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ConfigurationError(f"{key} must be a number > 0, got {value!r}")
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+                or not math.isfinite(value)):
+            raise ConfigurationError(
+                f"{key} must be a finite number > 0, got {value!r}; pass a positive value"
+            )
 
 
 def check_non_negative_int(**values: int) -> None:

@@ -17,15 +17,15 @@ from deepclean.data import iterate_batches
 from deepclean.errors import DataError
 from deepclean.fisher import eval_mode
 
-__all__ = ["predict_proba", "accuracy", "entropy", "entropy_mia", "membership_attack"]
+__all__ = ["predict_logits", "predict_proba", "accuracy", "entropy", "entropy_mia", "membership_attack"]
 
 
 @torch.no_grad()
-def predict_proba(
+def predict_logits(
     model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Softmax outputs ``(N, K)`` (float32, CPU) of ``model`` in eval mode on inputs ``(N, ...)``.
+    """Logits ``(N, K)`` (float32, CPU) of ``model`` in eval mode on inputs ``(N, ...)``.
 
     The model's modes are restored afterwards.
     """
@@ -36,8 +36,17 @@ def predict_proba(
     with eval_mode(model):
         for _, xb, _ in iterate_batches(x, torch.zeros(x.shape[0]), batch_size=batch_size,
                                         device=device):
-            out.append(torch.softmax(model(xb).float(), dim=1).cpu())
+            out.append(model(xb).float().cpu())
     return torch.cat(out)
+
+
+def predict_proba(
+    model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Softmax outputs ``(N, K)`` (float32, CPU) of ``model`` in eval mode on inputs ``(N, ...)``:
+    ``softmax(predict_logits(...))``. The model's modes are restored afterwards."""
+    return torch.softmax(predict_logits(model, x, batch_size=batch_size, device=device), dim=1)
 
 
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:

@@ -35,12 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from deepclean.data import iterate_batches
 from deepclean.errors import DataError
-from deepclean.fisher import eval_mode
-from deepclean.metrics import entropy_mia
+from deepclean.metrics import entropy_mia, predict_logits
 
 __all__ = [
     "DIRECTIONS",
@@ -81,25 +78,6 @@ def _col(a: np.ndarray | torch.Tensor, label: str) -> np.ndarray:
         raise DataError(f"the MIA's {label} features hold NaN or infinity")
     return a
 
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Logits ``(N, K)`` (float32, CPU) of ``model`` in eval mode; its modes are restored.
-
-    ``torch.softmax(logits, 1)`` equals :func:`deepclean.metrics.predict_proba` bitwise.
-    """
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    out = []
-    with eval_mode(model):
-        for _, xb, _ in iterate_batches(x, torch.zeros(x.shape[0]), batch_size=batch_size,
-                                        device=device):
-            out.append(model(xb).float().cpu())
-    return torch.cat(out)
 
 
 def logit_confidence(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -18,3 +18,5 @@ def test_readme_library_example_runs(capsys):
 def test_readme_states_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+def test_readme_has_no_placeholder():
+    assert "PLACEHOLDER" not in README.read_text()

@@ -43,10 +43,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _readable_by_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _readable_by_umask(path: str | Path) -> None:
+    """Give a temporary file (``mkstemp`` makes them 0600) the mode a plain ``open`` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -96,6 +104,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]
     os.close(fd)
     try:
         save_file(state, tmp, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        _readable_by_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

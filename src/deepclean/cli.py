@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="train (or reuse) original and gold models, unlearn with each method, compare",
         description="Run the paper's experiment. With no options: Fashion-MNIST, ResNet-18 "
-        "(width 0.125) on 20,000 training images, random-10%% and class-0 forgetting, Fine-tune "
+        "(width 0.125) on 20,000 training images, random-10% and class-0 forgetting, Fine-tune "
         "and DeepClean against the gold model.",
     )
     _add_experiment_arguments(run)
@@ -175,7 +175,7 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--hp", type=_hyperparameter, action="append", default=[],
                      metavar="METHOD.NAME=VALUE", help="a method hyperparameter; repeatable")
     run.add_argument("--out", help="output folder (default runs/default)")
-    run.add_argument("--cache-dir", help="cache of trained models (default ~/.cache/deepclean)")
+    run.add_argument("--cache-dir", help="cache of trained models (default ~/.cache/deepclean/models)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_experiment(config)
         print(f"results written to {config.out_dir}/ (results.md, results.csv, results.tex, "
-              "tables/, figures/, report.html, results/, splits/, checkpoints/)")
+              "tables/, figures/, report.html, results/, splits/, audit/, checkpoints/)")
         return 0
     except DeepCleanError as exc:
         if args.traceback:

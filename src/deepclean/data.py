@@ -116,14 +116,35 @@ def _prepare_idx_folder(source: Path, target_root: Path, class_name: str) -> Pat
         plain = source / stem
         tmp = raw / f".{stem}.partial"
         if gz.is_file():
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:  # unpack, then rename
-                shutil.copyfileobj(src, dst)
+            try:
+                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:  # unpack, then rename
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as exc:
+                tmp.unlink(missing_ok=True)
+                raise DataNotFoundError(
+                    f"{gz} is not a readable gzip file ({exc}); replace it with the file of the "
+                    "official release"
+                ) from exc
         elif plain.is_file():
             shutil.copyfile(plain, tmp)
         else:
             raise DataNotFoundError(f"missing {gz} (or {plain})")
         os.replace(tmp, raw / stem)
     return target_root
+
+
+def _unpack_dir(name: str, source: Path) -> Path:
+    """Cache folder for the unpacked files of ``source``: keyed by the folder's absolute path and
+    the size and modification time of each file, so another or a changed folder never reuses it."""
+    import hashlib
+
+    h = hashlib.sha256(str(source.resolve()).encode())
+    for stem in _IDX_FILES:
+        for f in (source / f"{stem}.gz", source / stem):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return _cache_root() / "datasets" / name / h.hexdigest()[:16]
 
 
 def _has_idx(folder: Path) -> bool:
@@ -145,7 +166,7 @@ def _load_idx_dataset(name: str, data_dir: Path | None, download: bool) -> Image
             root = _prepare_idx_folder(folder / cls.__name__ / "raw", folder, cls.__name__)
             break
         if _has_idx(folder):
-            root = _prepare_idx_folder(folder, _cache_root() / "datasets" / name, cls.__name__)
+            root = _prepare_idx_folder(folder, _unpack_dir(name, folder), cls.__name__)
             break
     if root is None and download and data_dir is not None:
         root = Path(data_dir)
@@ -161,8 +182,15 @@ def _load_idx_dataset(name: str, data_dir: Path | None, download: bool) -> Image
             f"{where}. To fix: {hint}pass --data-dir FOLDER holding them, or run with --download "
             "on a machine with internet access."
         )
-    train = cls(str(root), train=True, download=download)
-    test = cls(str(root), train=False, download=download)
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except (OSError, RuntimeError, AssertionError, ValueError) as exc:
+        raise DataNotFoundError(
+            f"{name}: the files in {root} could not be read or downloaded ({exc or type(exc).__name__})"
+            ". To fix: pass --data-dir FOLDER with the four IDX files (optionally .gz) of the "
+            "official release; without internet, --download cannot fetch them"
+        ) from exc
     return ImageData(
         name=name,
         train_x=_normalise(train.data, name),
@@ -193,7 +221,7 @@ def _load_cifar(name: str, data_dir: Path | None, download: bool) -> ImageData:
     try:
         train = cls(str(data_dir), train=True, download=download)
         test = cls(str(data_dir), train=False, download=download)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+    except (OSError, RuntimeError, ValueError) as exc:  # not found, corrupt, download failed
         raise DataNotFoundError(
             f"{name}: {exc} (looked in {data_dir}/{cls.base_folder}). To fix: put torchvision's "
             "CIFAR python batches there, or add --download on a machine with internet access."

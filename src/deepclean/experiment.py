@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -185,8 +186,18 @@ def _validate_more(cfg: ExperimentConfig) -> None:
     """Checks of values that need no data: thresholds, fractions, indices, classes."""
     from deepclean.validation import check_gamma, check_index_values
 
-    for key in ("gamma_random", "gamma_class", "unlearn_lr"):
-        check_gamma(getattr(cfg, key), key)
+    flags = {"gamma_random": "--gamma-random (or --gamma)", "gamma_class": "--gamma-class (or --gamma)"}
+    for key, flag in flags.items():
+        try:
+            check_gamma(getattr(cfg, key), key)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc} (command line: {flag})") from exc
+    lr = cfg.unlearn_lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigurationError(
+            f"unlearn_lr must be a finite number > 0, got {lr!r} (command line: --unlearn-lr); "
+            "the paper uses 1e-3"
+        )
     f = cfg.forget_fraction
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
         raise ConfigurationError(
@@ -200,6 +211,15 @@ def _validate_more(cfg: ExperimentConfig) -> None:
             check_index_values(list(cfg.forget_indices))
         except DataError as exc:
             raise ConfigurationError(str(exc)) from exc
+    for seed in cfg.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigurationError(f"seeds must be integers >= 0, got {seed!r}; e.g. --seeds 0 1 2")
+    unused = sorted(set(cfg.hyperparameters) - set(cfg.methods))
+    if unused:
+        raise ConfigurationError(
+            f"hyperparameters were given for {unused}, which are not among the methods run "
+            f"{list(cfg.methods)}; add them to --methods or drop those --hp options"
+        )
     if "class" in cfg.scenarios:
         if not cfg.forget_classes:
             raise ConfigurationError(
@@ -224,6 +244,12 @@ def _precheck(cfg: ExperimentConfig, data: ImageData) -> None:
                 f"forget class(es) {bad} are absent from {cfg.dataset}, whose classes are 0 to "
                 f"{data.num_classes - 1}; pass --forget-class with one of those"
             )
+    n_available = int(data.train_x.shape[0])
+    if cfg.train_size is not None and cfg.train_size > n_available:
+        raise DataError(
+            f"train_size {cfg.train_size} exceeds the {n_available} training samples of "
+            f"{cfg.dataset}; pass --train-size {n_available} (or 'all') or fewer"
+        )
     for seed in cfg.seeds:
         subset = _subsample(data, cfg.train_size, seed)
         labels = data.train_y[subset]

@@ -47,8 +47,8 @@ class Unlearner(ABC):
 
     def __init__(self, *, seed: int = 0, device: str | torch.device | None = None,
                  progress: bool = False) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ConfigurationError(f"seed must be an int, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigurationError(f"seed must be an int >= 0, got {seed!r}; e.g. seed=0")
         self.seed = seed
         self.device = device
         self.progress = progress
@@ -225,6 +225,15 @@ def make_method(name: str, **hyperparameters: Any) -> Unlearner:
             f"method {name!r} has no hyperparameter {unknown}; valid ones: {accepted}"
         )
     return cls(**hyperparameters)
+
+
+def check_positive_int(**values: int) -> None:
+    """Raise :class:`ConfigurationError` unless every value is an int > 0 (e.g. batch sizes)."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigurationError(
+                f"{key} must be an integer >= 1, got {value!r}; e.g. {key}=128"
+            )
 
 
 def check_positive(**values: float) -> None:

@@ -12,6 +12,7 @@ from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
     check_positive,
+    check_positive_int,
     register_method,
 )
 from deepclean.selection import check_mask, mask_summary, select_weights
@@ -74,8 +75,8 @@ class DeepClean(Unlearner):
         progress: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
-        check_positive(gamma=gamma, lr=lr, batch_size=batch_size,
-                       fisher_batch_size=fisher_batch_size)
+        check_positive(gamma=gamma, lr=lr)
+        check_positive_int(batch_size=batch_size, fisher_batch_size=fisher_batch_size)
         check_non_negative_int(epochs=epochs)
         if bn_stats not in BN_STATS:
             raise ConfigurationError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")

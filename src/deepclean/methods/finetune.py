@@ -9,6 +9,7 @@ from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
     check_positive,
+    check_positive_int,
     register_method,
 )
 
@@ -41,7 +42,8 @@ class FineTune(Unlearner):
         progress: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
-        check_positive(lr=lr, batch_size=batch_size)
+        check_positive(lr=lr)
+        check_positive_int(batch_size=batch_size)
         check_non_negative_int(epochs=epochs)
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
 

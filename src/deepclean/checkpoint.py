@@ -74,10 +74,6 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return state
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any] | None = None) -> Path:
     """Save ``model``'s state dict (without any ``module.`` prefix) and ``metadata`` atomically.
 
@@ -87,12 +83,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]
     from safetensors.torch import save_file
 
     import deepclean
+    from deepclean.validation import unwrap_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         k: v.detach().cpu().contiguous().clone()
-        for k, v in strip_module_prefix(_unwrap(model).state_dict()).items()
+        for k, v in strip_module_prefix(unwrap_model(model).state_dict()).items()
     }
     meta = dict(metadata or {})
     meta.update(
@@ -160,6 +157,8 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
         CheckpointError: unreadable file, or keys/shapes that do not match the model (the message
             lists missing and unexpected keys).
     """
+    from deepclean.validation import unwrap_model
+
     path = Path(path)
     if path.suffix in (".pt", ".pth", ".bin"):
         if not path.is_file():
@@ -178,7 +177,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
         state, meta = load_checkpoint(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    target = _unwrap(model)
+    target = unwrap_model(model)
     state = strip_module_prefix(state)
     own = target.state_dict()
     missing = sorted(set(own) - set(state))

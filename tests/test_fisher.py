@@ -164,6 +164,37 @@ def test_matches_float64_reference(case: str) -> None:
         assert v.dtype == torch.float64 and bool((v >= 0).all())
 
 
+CONV_CASES = sorted(c for c in CASES if "conv" in c)
+
+
+@pytest.mark.parametrize("path", ["grouped", "pairs", "per_sample"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_every_conv_contraction_matches_float64_reference(
+    case: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of the three Conv2d contractions, forced for every conv case (the shape rule alone
+    would send these small layers to one of them), agrees with the single-sample loop."""
+    monkeypatch.setattr(fisher_module, "_conv_path", lambda length, numel: path)
+    build, shape = CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    model = build()
+    x = torch.randn((11, *shape), generator=gen)
+    y = torch.randint(0, 3, (11,), generator=gen)
+    data = TensorDataset(x, y)
+    got = fisher_diagonal(model, data, batch_size=4, dtype=torch.float64)
+    assert _max_rel_err(got, fisher_diagonal_reference(model, data)) <= RTOL
+
+
+@pytest.mark.parametrize(
+    ("length", "numel", "path"),
+    [(128, 10**7, "grouped"), (49, 262_144, "grouped"), (4, 2_359_296, "pairs"),
+     (16, 2_359_296, "per_sample"), (49, 589_824, "per_sample"), (1, 262_145, "pairs")],
+)
+def test_conv_path_rule(length: int, numel: int, path: str) -> None:
+    assert fisher_module._conv_path(length, numel) == path
+
+
 @pytest.mark.parametrize(
     ("name", "in_channels", "hw", "width"),
     [

@@ -18,13 +18,15 @@ backward pass plus one layer's workspace:
 - ``nn.Linear`` on ``(B, in)`` inputs: ``sum_n (g_n x_n^T)^2 = (g^2)^T (x^2)``, one matmul;
   on ``(B, ..., in)`` inputs the per-sample gradients by a batched matmul.
 - ``nn.Conv2d``, by one of three exact contractions chosen from the output-map size
-  ``L = H_out * W_out``: for ``L >= 128`` the per-sample weight gradients of 16 samples at a time
-  are the weight gradient of one grouped convolution whose groups are the samples (the backend's
-  own convolution-backward kernel), squared and summed; for ``L <= 4`` the identity
-  ``sum_n (G_n U_n^T)^2 = sum_n sum_{l <= l'} c_ll' (g_l g_l') (u_l u_l')^T`` turns the sum of
-  squares into one large matmul over (sample, position pair) (clamped at 0 against rounding);
-  otherwise per-sample gradients ``G_n @ unfold(x_n)^T`` by a batched matmul over chunks of
-  samples, squared in place and summed. 1x1 convolutions skip the unfold.
+  ``L = H_out * W_out`` and the weight's size (:func:`_conv_path`): for ``L >= 128`` or a small
+  weight (at most 262,144 entries) the per-sample weight gradients of 16 samples at a time are
+  the weight gradient of one grouped convolution whose groups are the samples (the backend's own
+  convolution-backward kernel), squared and summed; for a larger weight and ``L <= 4`` the
+  identity ``sum_n (G_n U_n^T)^2 = sum_n sum_{l <= l'} c_ll' (g_l g_l') (u_l u_l')^T`` turns
+  the sum of squares into one large matmul over (sample, position pair) (clamped at 0 against
+  rounding); otherwise each sample's gradient ``G_n @ unfold(x_n)^T`` is formed in one reused
+  buffer and squared into the total in place (``addcmul_``), so it stays in the cache and no
+  large block is allocated per batch. 1x1 convolutions skip the unfold.
 - ``nn.BatchNorm*`` in eval mode: ``sum_{spatial} g * x_hat`` and ``sum_{spatial} g`` per
   channel, as batched dot products.
 - Any other module that owns parameters goes through a generic exact path: per-sample
@@ -61,8 +63,10 @@ _WARNED: set[str] = set()
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # Tuning of the Conv2d closed form (measured on a 2-core CPU, see benchmarks/bench_fisher.py).
-# Output maps with at least this many positions use the grouped convolution-backward kernel.
+# Output maps with at least this many positions, and weights with at most this many entries,
+# use the grouped convolution-backward kernel.
 CONV_GROUPED_MIN_POSITIONS = 128
+CONV_GROUPED_MAX_WEIGHT = 262_144
 # Samples per grouped convolution-backward call.
 CONV_GROUPED_CHUNK = 16
 # Output maps with at most this many positions use the position-pair matmul.
@@ -190,49 +194,59 @@ def _pair_products(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> t
     return t[..., rows] * t[..., cols]
 
 
+def _conv_path(length: int, weight_numel: int) -> str:
+    """The Conv2d contraction for an output map of ``length`` positions and a weight of
+    ``weight_numel`` entries: ``"grouped"``, ``"pairs"`` or ``"per_sample"`` (all exact; chosen by
+    shape alone, so the same model always takes the same path and rounds the same way)."""
+    if length >= CONV_GROUPED_MIN_POSITIONS or weight_numel <= CONV_GROUPED_MAX_WEIGHT:
+        return "grouped"
+    if length <= CONV_PAIRS_MAX_POSITIONS:
+        return "pairs"
+    return "per_sample"
+
+
 def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
     """``sum_n (per-sample weight gradient)^2`` of a Conv2d, by one of three exact contractions
-    chosen from the output-map size ``L`` (see the module docstring)."""
+    chosen from the output-map size ``L`` and the weight's size (see the module docstring)."""
     b, groups = x.shape[0], module.groups
     weight = module.weight
     length = g.shape[2] * g.shape[3]
     total = torch.zeros(weight.shape, dtype=g.dtype, device=g.device)
-    if length >= CONV_GROUPED_MIN_POSITIONS:
+    path = _conv_path(length, weight.numel())
+    if path == "grouped":
         chunk = CONV_GROUPED_CHUNK
         for s in range(0, b, chunk):
             part = _conv_per_sample_grouped(module, x[s : s + chunk], g[s : s + chunk])
             total += part.square_().sum(0)
     else:
-        cols = _conv_columns(module, x)  # (B, C_in*k*k, L)
-        cols = cols.reshape(b * groups, cols.shape[1] // groups, length)
-        g3 = g.reshape(b * groups, g.shape[1] // groups, length)
         flat = total.view(groups, weight.shape[0] // groups, -1)
         c_out, c_in = flat.shape[1], flat.shape[2]
-        if length <= CONV_PAIRS_MAX_POSITIONS:
-            # (g u^T)^2 summed over samples = sum over position pairs (l, l') of
-            # (g_l * g_l') (u_l * u_l')^T: one large matmul over (sample, pair) per chunk.
+        cols = _conv_columns(module, x).reshape(b, groups, c_in, length)  # unfolded input
+        g4 = g.reshape(b, groups, c_out, length)
+        if path == "pairs":
+            # (g u^T)^2 summed over samples = sum over position pairs (l <= l') of
+            # c_ll' (g_l * g_l') (u_l * u_l')^T, c = 1 on the diagonal and 2 off it: one large
+            # matmul over (sample, pair) per chunk of samples.
             rows, cols_idx = torch.triu_indices(length, length, device=g.device)
+            factor = torch.where(rows == cols_idx, 1.0, 2.0).to(g.dtype).view(1, 1, -1, 1)
+            g_t = g4.permute(1, 0, 3, 2)  # (groups, B, L, c_out)
+            u_t = cols.permute(1, 0, 3, 2)  # (groups, B, L, c_in)
             n_pairs = rows.numel()
             chunk = max(1, CONV_BLOCK_ELEMENTS // ((c_out + c_in) * n_pairs * groups))
             for s in range(0, b, chunk):
-                e = min(b, s + chunk)
-                gg = _pair_products(g3[s * groups : e * groups], rows, cols_idx)
-                gg[..., rows != cols_idx] *= 2  # each off-diagonal pair stands for two
-                uu = _pair_products(cols[s * groups : e * groups], rows, cols_idx)
-                gg = gg.view(e - s, groups, c_out, n_pairs).permute(1, 2, 0, 3)
-                uu = uu.view(e - s, groups, c_in, n_pairs).permute(1, 0, 3, 2)
-                flat += torch.bmm(
-                    gg.reshape(groups, c_out, (e - s) * n_pairs),
-                    uu.reshape(groups, (e - s) * n_pairs, c_in),
-                )
+                gs, us = g_t[:, s : s + chunk], u_t[:, s : s + chunk]
+                gg = gs[:, :, rows] * (gs[:, :, cols_idx] * factor)  # (groups, n, P, c_out)
+                uu = us[:, :, rows] * us[:, :, cols_idx]  # (groups, n, P, c_in)
+                flat.baddbmm_(gg.reshape(groups, -1, c_out).transpose(1, 2),
+                              uu.reshape(groups, -1, c_in))
             total.clamp_min_(0)  # rounding in the expanded square must not go below zero
         else:
-            chunk = max(1, CONV_BLOCK_ELEMENTS // weight.numel())
-            cols_t = cols.transpose(1, 2)
-            for s in range(0, b, chunk):
-                e = min(b, s + chunk)
-                p = torch.bmm(g3[s * groups : e * groups], cols_t[s * groups : e * groups])
-                flat += p.view(e - s, *flat.shape).square_().sum(0)
+            # One sample at a time into a reused buffer, squared and added in place: the
+            # per-sample gradient never leaves the cache and no large block is allocated.
+            buf = torch.empty_like(flat)
+            for n in range(b):
+                torch.bmm(g4[n], cols[n].transpose(1, 2), out=buf)
+                flat.addcmul_(buf, buf)
     out = {"weight": total}
     if module.bias is not None:
         out["bias"] = g.sum((2, 3)).square_().sum(0)

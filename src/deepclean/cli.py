@@ -177,6 +177,11 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--out", help="output folder (default runs/default)")
     run.add_argument("--cache-dir", help="cache of trained models (default ~/.cache/deepclean/models)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    run.add_argument("--precision", metavar="{fp32,bf16}",
+                     help="bf16: training, unlearning and evaluation under bfloat16 autocast (the "
+                     "Fisher stays in full precision); for GPUs; default fp32")
+    run.add_argument("--channels-last", action="store_true",
+                     help="channels-last (NHWC) memory format for every model; for GPUs")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-store-indices", action="store_true",
@@ -208,6 +213,7 @@ def _config_from_args(args: argparse.Namespace):
         "out_dir": args.out,
         "cache_dir": args.cache_dir,
         "device": args.device,
+        "precision": args.precision,
     }
     fields.update({k: v for k, v in simple.items() if v is not None})
     if "train_size" in vars(args):  # 'all' gives None, so presence is the signal
@@ -220,6 +226,8 @@ def _config_from_args(args: argparse.Namespace):
         fields["store_indices"] = False
     if args.deterministic:
         fields["deterministic"] = True
+    if args.channels_last:
+        fields["channels_last"] = True
     if args.methods is not None:
         if args.methods == ("all",):
             fields["methods"] = tuple(m for m in available_methods() if m != "retrain")

@@ -40,10 +40,12 @@ class ModelOutputs:
 
 
 def model_outputs(model: nn.Module, x_train: torch.Tensor, x_test: torch.Tensor,
-                  device: torch.device | str | None = None) -> ModelOutputs:
-    """Logits of ``model`` (eval mode) on ``x_train`` and ``x_test``."""
-    return ModelOutputs(predict_logits(model, x_train, device=device),
-                        predict_logits(model, x_test, device=device))
+                  device: torch.device | str | None = None, *,
+                  precision: str = "fp32") -> ModelOutputs:
+    """Logits (float32) of ``model`` (eval mode) on ``x_train`` and ``x_test``, the forward passes
+    in ``precision`` (``"fp32"`` or ``"bf16"``, see :func:`deepclean.metrics.predict_logits`)."""
+    return ModelOutputs(predict_logits(model, x_train, device=device, precision=precision),
+                        predict_logits(model, x_test, device=device, precision=precision))
 
 
 @dataclass

@@ -12,7 +12,13 @@
    scenario, method, seed), plus the tables, figures and HTML report (:func:`build_report`).
 
 Cached models live under ``cache_dir`` with a key of everything that determines them (data set,
-training subset, split, architecture, width, recipe, seed), as safetensors files.
+training subset, split, architecture, width, recipe, seed, and ``precision`` / ``channels_last``
+when they are not the defaults), as safetensors files.
+
+With ``precision="bf16"`` the training of the original and gold models, every unlearning method
+(inside its timed region) and the evaluation run under bfloat16 autocast; the Fisher diagonals stay
+in full precision (:mod:`deepclean.precision`). With ``channels_last`` every model is converted to
+``torch.channels_last`` before it is trained, unlearned or evaluated.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ from deepclean.evaluation import (
 from deepclean.methods import make_method, method_class
 from deepclean.metrics import accuracy, entropy_mia, predict_proba
 from deepclean.models import available_models, build_model
+from deepclean.precision import (
+    autocast,
+    check_channels_last,
+    check_precision,
+    to_memory_format,
+)
 from deepclean.splits import SCENARIOS, ForgetSplit, make_split
 from deepclean.summaries import summary as summary_of
 from deepclean.training import TrainConfig, resolve_device, synchronize, train_model
@@ -93,6 +105,11 @@ class ExperimentConfig:
         out_dir: where results, tables, manifests and checkpoints go.
         cache_dir: where trained original and gold models are cached.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+        precision: ``"fp32"`` (default) or ``"bf16"``: training, unlearning and evaluation under
+            bfloat16 autocast; the Fisher diagonals are always computed in full precision
+            (:mod:`deepclean.precision`). Part of the model cache key.
+        channels_last: store every model's 4-D weights as ``torch.channels_last`` (NHWC), the
+            layout GPU convolutions prefer. Part of the model cache key.
         progress: show progress bars.
         store_indices: write the forget indices into split manifests and audit records; with
             ``False`` only their SHA-256 and count are written.
@@ -122,6 +139,8 @@ class ExperimentConfig:
     out_dir: str = "runs/default"
     cache_dir: str | None = None
     device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
     progress: bool = True
     store_indices: bool = True
     deterministic: bool = False
@@ -175,6 +194,8 @@ class ExperimentConfig:
             raise ConfigurationError(f"width must be > 0, got {self.width}")
         if self.unlearn_epochs < 0:
             raise ConfigurationError(f"unlearn_epochs must be >= 0, got {self.unlearn_epochs}")
+        check_precision(self.precision)
+        check_channels_last(self.channels_last)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -308,6 +329,21 @@ def default_cache_dir() -> Path:
     return Path(root) / "models"
 
 
+def _precision_determinants(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``precision`` and ``channels_last`` for the model cache key and the method resume key.
+
+    Only the values that differ from the defaults are included, so that the keys of fp32,
+    contiguous runs are those of earlier versions (their cached models stay valid), while a bf16
+    or channels-last model never shares a key with an fp32 one.
+    """
+    out: dict[str, Any] = {}
+    if cfg.precision != "fp32":
+        out["precision"] = cfg.precision
+    if cfg.channels_last:
+        out["channels_last"] = True
+    return out
+
+
 def _key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -348,6 +384,7 @@ def _train_or_load(
         "recipe": cfg.train.to_dict(),
         "seed": seed,
         **determinants,
+        **_precision_determinants(cfg),
     }
     key = _key(payload)
     path = ctx.cache_dir / f"{kind}-{cfg.dataset}-{model_name}-{key}.safetensors"
@@ -361,7 +398,8 @@ def _train_or_load(
             if meta.get("key") == key:
                 model.load_state_dict(strip_module_prefix(state), strict=True)
                 ctx.log(f"  {kind} model: reused {path}")
-                return model.to(ctx.device).eval(), meta
+                model = to_memory_format(model.to(ctx.device), cfg.channels_last)
+                return model.eval(), meta
             ctx.log(f"  {kind} model: cache entry {path} has another key; retraining")
         except (CheckpointError, RuntimeError) as exc:
             ctx.log(f"  {kind} model: cache entry unusable ({exc}); retraining")
@@ -369,7 +407,7 @@ def _train_or_load(
     synchronize(ctx.device)
     start = time.perf_counter()
     train_model(model, x, y, cfg.train, seed=seed, device=ctx.device, desc=f"train {kind}",
-                progress=cfg.progress)
+                progress=cfg.progress, precision=cfg.precision, channels_last=cfg.channels_last)
     synchronize(ctx.device)
     seconds = time.perf_counter() - start
     meta = {"key": key, "determinants": payload, "train_time_s": seconds}
@@ -387,20 +425,23 @@ def evaluate_model(
     y_test: torch.Tensor,
     device: torch.device | str | None = None,
     outputs: ModelOutputs | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """The paper's metrics of one model.
 
     Args:
         outputs: the model's logits on ``x_train`` and ``x_test`` when already computed
             (:func:`deepclean.evaluation.model_outputs`); the same softmax is applied.
+        precision: ``"fp32"`` or ``"bf16"``: the forward passes when ``outputs`` is not given
+            (:func:`deepclean.metrics.predict_logits`; the logits are float32 either way).
 
     Returns:
         ``acc_retain``, ``acc_forget``, ``acc_test`` (accuracy in % on D_r, D_f, test) and ``mia``
         (% of D_f called member by the entropy attack fitted on D_r vs test).
     """
     if outputs is None:
-        probs_train = predict_proba(model, x_train, device=device)
-        probs_test = predict_proba(model, x_test, device=device)
+        probs_train = predict_proba(model, x_train, device=device, precision=precision)
+        probs_test = predict_proba(model, x_test, device=device, precision=precision)
     else:
         probs_train, probs_test = outputs.probs_train, outputs.probs_test
     p_r, p_f = probs_train[split.retain], probs_train[split.forget]
@@ -430,9 +471,9 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
     if name == "retrain":
         wanted.update(
             train_config=cfg.train,
-            builder=None if data is None else lambda s: build_model(
+            builder=None if data is None else lambda s: to_memory_format(build_model(
                 model_name, in_channels=data.in_channels, num_classes=data.num_classes,
-                width=cfg.width, seed=s),
+                width=cfg.width, seed=s), cfg.channels_last),
         )
     kwargs = {k: v for k, v in wanted.items() if k in accepted}
     kwargs.update(cfg.hyperparameters.get(name, {}))
@@ -569,6 +610,7 @@ def _run_scenario(
         "gold_seeds": cfg.gold_seeds,
         "recipe": cfg.train.to_dict(),
         "torch_version": torch.__version__,
+        **_precision_determinants(cfg),
     }
     stem = f"{cfg.dataset}_{model_name}_{scenario}"
     records = []
@@ -577,7 +619,8 @@ def _run_scenario(
     def record(method: str, model: torch.nn.Module, evaluated: tuple[dict, dict],
                extra: dict, audit: dict | None = None) -> dict:
         metrics, extended = evaluated
-        rec = base | {"method": method, "metrics": metrics} | extended | extra
+        rec = base | {"method": method, "metrics": metrics, "precision": cfg.precision,
+                      "channels_last": cfg.channels_last} | extended | extra
         rec["gaps"] = {
             "d_acc_forget": metrics["acc_forget"] - gold_metrics["acc_forget"],
             "d_acc_retain": metrics["acc_retain"] - gold_metrics["acc_retain"],
@@ -618,7 +661,8 @@ def _run_scenario(
         started_at = utc_now()
         synchronize(device)
         start = time.perf_counter()
-        unlearned = method.unlearn(original, forget, retain)
+        with autocast(device, cfg.precision):  # its overhead is part of the unlearning time
+            unlearned = method.unlearn(original, forget, retain)
         synchronize(device)
         seconds = time.perf_counter() - start
         finished_at = utc_now()
@@ -644,6 +688,7 @@ def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Cont
     """Validate ``config``, pick the device, load the data set, create the output folder."""
     config.validate()
     device = resolve_device(config.device)
+    check_precision(config.precision, device)
     data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     out_dir = Path(config.out_dir)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -717,7 +762,8 @@ def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tenso
     computed once per call.
     """
     data, device = ctx.data, ctx.device
-    outputs = lambda m: model_outputs(m, x_train, data.test_x, device)  # noqa: E731
+    outputs = lambda m: model_outputs(m, x_train, data.test_x, device,  # noqa: E731
+                                      precision=ctx.cfg.precision)
     extra = []
     for j in range(1, ctx.cfg.gold_seeds):
         other, _ = _gold_model(ctx, model_name=model_name, seed=gold_seed(seed, j),
@@ -731,7 +777,7 @@ def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tenso
         out = reference.gold_outputs if model is gold else outputs(model)
         metrics = evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
                                  x_test=data.test_x, y_test=data.test_y, device=device,
-                                 outputs=out)
+                                 outputs=out, precision=ctx.cfg.precision)
         if not extended:
             return metrics, {}
         return metrics, extended_metrics(model, out, reference, split=split, y_train=y_train,
@@ -794,7 +840,8 @@ def _write_audit(ctx: _Context, name: str, audit: dict[str, Any], *, original: t
                "seed": rec["seed"], "forget_sha256": split.digest,
                "indices_refer_to": "the training subset (see splits/ for its map to the data set)",
                "checkpoint": f"checkpoints/{name}.safetensors",
-               "result": f"results/{name}.json", "device": str(ctx.device)},
+               "result": f"results/{name}.json", "device": str(ctx.device),
+               "precision": ctx.cfg.precision, "channels_last": ctx.cfg.channels_last},
     )
     write_audit(report, ctx.out_dir / "audit", name)
 

@@ -497,6 +497,11 @@ def fisher_diagonal(
     A DataParallel / DistributedDataParallel model is unwrapped first: the keys carry no
     ``module.`` prefix.
 
+    Precision: the computation runs with ``torch.autocast`` disabled on ``device``, so a call
+    inside an active autocast context (``deepclean run --precision bf16``, or
+    :func:`deepclean.precision.autocast`) gives the same full-precision result as one outside it.
+    A model in ``torch.channels_last`` memory format gives the same result as a contiguous one.
+
     Raises:
         DataError: the data set is empty, its inputs are not finite floats or do not fit the model,
             or its labels are not integers in range for the model's output.
@@ -530,7 +535,10 @@ def fisher_diagonal(
 
     fisher_pass = _FisherPass(work_model, names, totals)
     try:
-        with eval_mode(work_model), torch.enable_grad():
+        # Autocast off (whatever the caller has active): the Fisher is always exact, in the
+        # working dtype, never in bfloat16.
+        with (eval_mode(work_model), torch.enable_grad(),
+              torch.autocast(device_type=device.type, enabled=False)):
             for _, xb, yb in iterate_batches(x_all, y_all, batch_size=batch_size, device=device):
                 if xb.is_floating_point():
                     xb = xb.to(work_dtype)

@@ -16,6 +16,7 @@ from torch import nn
 from deepclean.data import iterate_batches
 from deepclean.errors import DataError
 from deepclean.fisher import eval_mode
+from deepclean.precision import autocast
 
 __all__ = ["predict_logits", "predict_proba", "accuracy", "entropy", "entropy_mia", "membership_attack"]
 
@@ -23,17 +24,22 @@ __all__ = ["predict_logits", "predict_proba", "accuracy", "entropy", "entropy_mi
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, precision: str = "fp32",
 ) -> torch.Tensor:
     """Logits ``(N, K)`` (float32, CPU) of ``model`` in eval mode on inputs ``(N, ...)``.
 
-    The model's modes are restored afterwards.
+    With ``precision="bf16"`` the forward passes run under bfloat16 autocast
+    (:func:`deepclean.precision.autocast`) and the logits are converted to float32; so are those
+    computed inside an autocast context of the caller. The model's modes are restored afterwards.
+
+    Raises:
+        ConfigurationError: ``precision`` is not ``"fp32"`` or ``"bf16"``.
     """
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     out = []
-    with eval_mode(model):
+    with eval_mode(model), autocast(device, precision):
         for _, xb, _ in iterate_batches(x, torch.zeros(x.shape[0]), batch_size=batch_size,
                                         device=device):
             out.append(model(xb).float().cpu())
@@ -42,11 +48,13 @@ def predict_logits(
 
 def predict_proba(
     model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, precision: str = "fp32",
 ) -> torch.Tensor:
     """Softmax outputs ``(N, K)`` (float32, CPU) of ``model`` in eval mode on inputs ``(N, ...)``:
-    ``softmax(predict_logits(...))``. The model's modes are restored afterwards."""
-    return torch.softmax(predict_logits(model, x, batch_size=batch_size, device=device), dim=1)
+    ``softmax(predict_logits(...))``, the softmax in float32 whatever ``precision``. The model's
+    modes are restored afterwards."""
+    return torch.softmax(predict_logits(model, x, batch_size=batch_size, device=device,
+                                        precision=precision), dim=1)
 
 
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:

@@ -33,6 +33,9 @@ IGNORED_CONFIG_FIELDS = frozenset(
     {"out_dir", "cache_dir", "data_dir", "download", "progress", "device", "methods",
      "store_indices"}
 )
+# Fields added to the configuration after results were first written, with their defaults: a
+# config.json without one of them was written with its default and is the same configuration.
+NEW_FIELD_DEFAULTS = {"precision": "fp32", "channels_last": False}
 _OWN_ENTRIES = ("results", "checkpoints", "splits", "audit", "results.md", "results.csv")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -42,8 +45,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _comparable(config_record: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in _jsonable(dict(config_record)).items()
-            if k not in IGNORED_CONFIG_FIELDS}
+    record = NEW_FIELD_DEFAULTS | _jsonable(dict(config_record))
+    return {k: v for k, v in record.items() if k not in IGNORED_CONFIG_FIELDS}
 
 
 def check_out_dir(out_dir: str | Path, config_record: Mapping[str, Any]) -> bool:

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from deepclean.errors import ConfigurationError
 from deepclean.methods import make_method
 from deepclean.methods.base import prepare_inputs
+from deepclean.precision import autocast
 
 __all__ = ["DEFAULT_GAMMAS", "sweep_gamma"]
 
@@ -99,7 +100,8 @@ def sweep_gamma(
                 ctx.log(f"  sweep {scenario}: Fisher diagonals on D_f and D_r (once)")
                 synchronize(dev)
                 start = time.perf_counter()
-                fisher_f, fisher_r = method.fisher_pair(work, xf, yf, xr, yr, dev)
+                with autocast(dev, config.precision):  # the Fisher itself stays exact
+                    fisher_f, fisher_r = method.fisher_pair(work, xf, yf, xr, yr, dev)
                 synchronize(dev)
                 fisher_time = time.perf_counter() - start
                 for gamma in gammas:
@@ -107,7 +109,9 @@ def sweep_gamma(
                     fresh = copy.deepcopy(original).to(dev)
                     synchronize(dev)
                     start = time.perf_counter()
-                    unlearned = m.apply_selection(fresh, fisher_f, fisher_r, xr, yr, dev).eval()
+                    with autocast(dev, config.precision):
+                        unlearned = m.apply_selection(fresh, fisher_f, fisher_r, xr, yr,
+                                                      dev).eval()
                     synchronize(dev)
                     seconds = time.perf_counter() - start
                     metrics, ext = evaluate(unlearned, extended=extended)
@@ -137,6 +141,8 @@ def sweep_gamma(
                         "selection_time_s": seconds,
                         "time_s": fisher_time + seconds,
                         "hyperparameters": m.hyperparameters(),
+                        "precision": config.precision,
+                        "channels_last": config.channels_last,
                         "torch_version": torch.__version__,
                         **{k: v for k, v in m.info_.items() if isinstance(v, (int, float, str))},
                     }

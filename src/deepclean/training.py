@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches, random_crop_flip
 from deepclean.errors import ConfigurationError
+from deepclean.precision import autocast, check_precision, to_input_format, to_memory_format
 
 __all__ = ["TrainConfig", "train_model", "resolve_device", "synchronize"]
 
@@ -109,6 +110,8 @@ def train_model(
     device: torch.device | str = "cpu",
     desc: str = "train",
     progress: bool = True,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> nn.Module:
     """Train ``model`` in place on ``(x, y)`` with cross-entropy and SGD; return it in eval mode.
 
@@ -122,9 +125,18 @@ def train_model(
         device: where to train.
         desc: progress-bar label.
         progress: show a tqdm progress bar.
+        precision: ``"fp32"`` or ``"bf16"`` (forward pass and loss under bfloat16 autocast; the
+            weights, gradients and SGD state stay float32), see :mod:`deepclean.precision`.
+        channels_last: convert the model's 4-D weights and each input batch to
+            ``torch.channels_last`` (the model stays in that format afterwards).
+
+    Raises:
+        ConfigurationError: ``precision`` is not ``"fp32"`` or ``"bf16"``, or ``channels_last`` is
+            not a bool.
     """
     device = torch.device(device)
-    model.to(device).train()
+    check_precision(precision, device)
+    to_memory_format(model.to(device), channels_last).train()
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(
         model.parameters(),
@@ -148,7 +160,8 @@ def train_model(
                 xb = random_crop_flip(
                     xb, padding=config.crop_padding, flip=config.flip, generator=generator
                 )
-            loss = nn.functional.cross_entropy(model(xb), yb)
+            with autocast(device, precision):
+                loss = nn.functional.cross_entropy(model(to_input_format(xb, channels_last)), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -28,7 +28,7 @@ backward pass plus one layer's workspace:
   buffer and squared into the total in place (``addcmul_``), so it stays in the cache and no
   large block is allocated per batch. 1x1 convolutions skip the unfold.
 - ``nn.BatchNorm*`` in eval mode: ``sum_{spatial} g * x_hat`` and ``sum_{spatial} g`` per
-  channel, as batched dot products.
+  channel, as dot products over the positions.
 - Any other module that owns parameters goes through a generic exact path: per-sample
   vector-Jacobian products of that module with ``torch.func``, announced once per module type by
   a warning that names it. Nothing is approximated.
@@ -71,6 +71,8 @@ CONV_GROUPED_MAX_WEIGHT = 262_144
 CONV_GROUPED_CHUNK = 16
 # Output maps with at most this many positions use the position-pair matmul.
 CONV_PAIRS_MAX_POSITIONS = 4
+# Samples unfolded at once by the per-sample path.
+CONV_UNFOLD_CHUNK = 16
 # Largest intermediate block (in elements) formed at once by the matmul paths.
 CONV_BLOCK_ELEMENTS = 8_000_000
 
@@ -221,8 +223,11 @@ def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
     else:
         flat = total.view(groups, weight.shape[0] // groups, -1)
         c_out, c_in = flat.shape[1], flat.shape[2]
-        cols = _conv_columns(module, x).reshape(b, groups, c_in, length)  # unfolded input
         g4 = g.reshape(b, groups, c_out, length)
+
+        def columns(s: int, e: int) -> torch.Tensor:  # unfolded input of samples s..e-1
+            return _conv_columns(module, x[s:e]).reshape(e - s, groups, c_in, length)
+
         if path == "pairs":
             # (g u^T)^2 summed over samples = sum over position pairs (l <= l') of
             # c_ll' (g_l * g_l') (u_l * u_l')^T, c = 1 on the diagonal and 2 off it: one large
@@ -230,11 +235,11 @@ def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
             rows, cols_idx = torch.triu_indices(length, length, device=g.device)
             factor = torch.where(rows == cols_idx, 1.0, 2.0).to(g.dtype).view(1, 1, -1, 1)
             g_t = g4.permute(1, 0, 3, 2)  # (groups, B, L, c_out)
-            u_t = cols.permute(1, 0, 3, 2)  # (groups, B, L, c_in)
             n_pairs = rows.numel()
             chunk = max(1, CONV_BLOCK_ELEMENTS // ((c_out + c_in) * n_pairs * groups))
             for s in range(0, b, chunk):
-                gs, us = g_t[:, s : s + chunk], u_t[:, s : s + chunk]
+                e = min(b, s + chunk)
+                gs, us = g_t[:, s:e], columns(s, e).permute(1, 0, 3, 2)  # (groups, n, L, c)
                 gg = gs[:, :, rows] * (gs[:, :, cols_idx] * factor)  # (groups, n, P, c_out)
                 uu = us[:, :, rows] * us[:, :, cols_idx]  # (groups, n, P, c_in)
                 flat.baddbmm_(gg.reshape(groups, -1, c_out).transpose(1, 2),
@@ -242,11 +247,14 @@ def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
             total.clamp_min_(0)  # rounding in the expanded square must not go below zero
         else:
             # One sample at a time into a reused buffer, squared and added in place: the
-            # per-sample gradient never leaves the cache and no large block is allocated.
+            # per-sample gradient never leaves the cache and no large block is allocated; the
+            # input is unfolded a few samples at a time for the same reason.
             buf = torch.empty_like(flat)
-            for n in range(b):
-                torch.bmm(g4[n], cols[n].transpose(1, 2), out=buf)
-                flat.addcmul_(buf, buf)
+            for s in range(0, b, CONV_UNFOLD_CHUNK):
+                cols = columns(s, min(b, s + CONV_UNFOLD_CHUNK))
+                for n in range(cols.shape[0]):
+                    torch.bmm(g4[s + n], cols[n].transpose(1, 2), out=buf)
+                    flat.addcmul_(buf, buf)
     out = {"weight": total}
     if module.bias is not None:
         out["bias"] = g.sum((2, 3)).square_().sum(0)
@@ -260,8 +268,8 @@ def _batchnorm_per_sample(
     shape = (1, c) + (1,) * (x.ndim - 2)
     out = {}
     if module.weight is not None:
-        centred = (x - module.running_mean.view(shape)).reshape(b * c, 1, -1)
-        dot = torch.bmm(centred, g.reshape(b * c, -1, 1)).view(b, c)
+        centred = (x - module.running_mean.view(shape)).reshape(b, c, -1)
+        dot = torch.linalg.vecdot(centred, g.reshape(b, c, -1))  # (B, C)
         out["weight"] = dot * torch.rsqrt(module.running_var + module.eps)
     if module.bias is not None:
         out["bias"] = g.reshape(b, c, -1).sum(2)

@@ -58,6 +58,7 @@ from deepclean.reproducibility import deterministic, preserve_global_rng, set_de
 from deepclean.selection import mask_summary, select_weights
 from deepclean.summaries import avg_gap, relative_time_efficiency, tug_of_war
 from deepclean.splits import ForgetSplit, class_split, index_split, make_split, random_split
+from deepclean.train_fisher import TrainFisher, precompute_train_fisher
 from deepclean.training import TrainConfig, train_model
 from deepclean.validation import check_same_split, unwrap_model
 
@@ -68,6 +69,8 @@ __all__ = [
     # the method
     "fisher_diagonal",
     "fisher_diagonal_reference",
+    "TrainFisher",
+    "precompute_train_fisher",
     "select_weights",
     "mask_summary",
     "reset_weights",

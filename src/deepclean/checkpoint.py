@@ -23,6 +23,7 @@ from deepclean.errors import CheckpointError
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
+    "save_tensors",
     "load_weights",
     "state_digest",
     "atomic_write_text",
@@ -80,17 +81,28 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]
     Returns:
         The path written.
     """
+    from deepclean.validation import unwrap_model
+
+    return save_tensors(path, strip_module_prefix(unwrap_model(model).state_dict()), metadata)
+
+
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
+) -> Path:
+    """Save named tensors and JSON ``metadata`` (plus the tensors' SHA-256) as one safetensors
+    file, atomically: a temporary file in the same folder, then a rename. Read it back with
+    :func:`load_checkpoint`.
+
+    Returns:
+        The path written.
+    """
     from safetensors.torch import save_file
 
     import deepclean
-    from deepclean.validation import unwrap_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().cpu().contiguous().clone()
-        for k, v in strip_module_prefix(unwrap_model(model).state_dict()).items()
-    }
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = dict(metadata or {})
     meta.update(
         state_sha256=state_digest(state),

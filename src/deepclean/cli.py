@@ -182,6 +182,10 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
                      "Fisher stays in full precision); for GPUs; default fp32")
     run.add_argument("--channels-last", action="store_true",
                      help="channels-last (NHWC) memory format for every model; for GPUs")
+    run.add_argument("--precompute-fisher", action="store_true",
+                     help="compute the original model's Fisher on the whole training set once "
+                     "(cached); DeepClean then runs the Fisher pass over D_f only (I_Dr follows "
+                     "exactly) and its one-off time is reported apart")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-store-indices", action="store_true",
@@ -228,6 +232,8 @@ def _config_from_args(args: argparse.Namespace):
         fields["deterministic"] = True
     if args.channels_last:
         fields["channels_last"] = True
+    if args.precompute_fisher:
+        fields["precompute_fisher"] = True
     if args.methods is not None:
         if args.methods == ("all",):
             fields["methods"] = tuple(m for m in available_methods() if m != "retrain")

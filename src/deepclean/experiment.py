@@ -115,6 +115,11 @@ class ExperimentConfig:
             ``False`` only their SHA-256 and count are written.
         deterministic: run under :func:`deepclean.set_deterministic` (``warn_only``), for
             reproducible results on CUDA.
+        precompute_fisher: compute the original model's Fisher diagonal on the whole training
+            set once (cached with the model; :mod:`deepclean.train_fisher`) and give it to
+            DeepClean and Zero Weights, whose timed step then runs the Fisher pass over D_f only
+            (I_Dr follows exactly). Its one-off time is recorded as ``precompute_time_s``.
+            Default False: both Fisher passes are timed, as in the paper.
     """
 
     dataset: str = "fashion-mnist"
@@ -144,6 +149,7 @@ class ExperimentConfig:
     progress: bool = True
     store_indices: bool = True
     deterministic: bool = False
+    precompute_fisher: bool = False
 
     def validate(self) -> None:
         """Check every field before any work.
@@ -196,6 +202,10 @@ class ExperimentConfig:
             raise ConfigurationError(f"unlearn_epochs must be >= 0, got {self.unlearn_epochs}")
         check_precision(self.precision)
         check_channels_last(self.channels_last)
+        if not isinstance(self.precompute_fisher, bool):
+            raise ConfigurationError(
+                f"precompute_fisher must be True or False, got {self.precompute_fisher!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -455,7 +465,7 @@ def evaluate_model(
 
 def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
                    device: torch.device, model_name: str,
-                   data: ImageData | None) -> dict[str, Any]:
+                   data: ImageData | None, train_fisher: Any = None) -> dict[str, Any]:
     import inspect
 
     accepted = inspect.signature(method_class(name).__init__).parameters
@@ -468,6 +478,8 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
     }
     if name in ("deepclean", "finetune"):
         wanted.update(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr)
+    if train_fisher is not None:
+        wanted["train_fisher"] = train_fisher
     if name == "retrain":
         wanted.update(
             train_config=cfg.train,
@@ -564,11 +576,14 @@ def _run_experiment(
                 ctx, model_name=model_name, seed=seed, subset=subset, x_train=x_train,
                 y_train=y_train,
             )
+            train_fisher = _train_fisher(ctx, model_name=model_name, original=original,
+                                         original_meta=original_meta, x_train=x_train,
+                                         y_train=y_train)
             for scenario in config.scenarios:
                 records += _run_scenario(
                     ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
                     x_train=x_train, y_train=y_train, original=original,
-                    original_meta=original_meta,
+                    original_meta=original_meta, train_fisher=train_fisher,
                 )
     tables = build_report(out_dir, records=records)
     log(tables)
@@ -586,6 +601,7 @@ def _run_scenario(
     y_train: torch.Tensor,
     original: torch.nn.Module,
     original_meta: dict[str, Any],
+    train_fisher: Any = None,
 ) -> list[dict[str, Any]]:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     split, gold, gold_meta = _split_and_gold(
@@ -649,8 +665,10 @@ def _run_scenario(
     forget = TensorDataset(x_train[split.forget], y_train[split.forget])
     retain = TensorDataset(x_train[split.retain], y_train[split.retain])
     for name in cfg.methods:
+        uses_tf = train_fisher is not None and name in FISHER_METHODS
         method = make_method(name, **_method_kwargs(cfg, name, scenario, seed, device,
-                                                    model_name, data))
+                                                    model_name, data,
+                                                    train_fisher if uses_tf else None))
         resume_key = _resume_key(base, original_sha, name, method.hyperparameters())
         done = _reuse_finished(ctx, f"{stem}_{name}_seed{seed}", resume_key)
         if done is not None:
@@ -670,6 +688,7 @@ def _run_scenario(
         metrics = evaluated[0]
         rec = record(name, unlearned, evaluated, {
             "time_s": seconds,
+            **({"precompute_time_s": train_fisher.time_s} if uses_tf else {}),
             "hyperparameters": method.hyperparameters(),
             "resume_key": resume_key,
             **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
@@ -709,6 +728,41 @@ def _original_model(ctx: _Context, *, model_name: str, seed: int, subset: torch.
         ctx, kind="original", model_name=model_name, seed=seed, x=x_train, y=y_train,
         determinants={"train_subset_sha256": _digest_indices(subset)},
     )
+
+
+#: Methods that take a precomputed training-set Fisher (``train_fisher``).
+FISHER_METHODS = ("deepclean", "zero_weights")
+
+
+def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
+                  original_meta: dict[str, Any], x_train: torch.Tensor,
+                  y_train: torch.Tensor) -> Any:
+    """With ``precompute_fisher``, I_D of the original model on its training set, from the cache
+    (next to the model, keyed by it) or computed and cached; else None."""
+    from deepclean.train_fisher import TrainFisher, model_digest, precompute_train_fisher
+
+    cfg = ctx.cfg
+    if not cfg.precompute_fisher or not any(m in FISHER_METHODS for m in cfg.methods):
+        return None
+    path = ctx.cache_dir / f"fisher-{cfg.dataset}-{model_name}-{original_meta['key']}.safetensors"
+    digest = model_digest(original)
+    if path.is_file():
+        try:
+            tf, _ = TrainFisher.load(path)
+            if tf.model_sha256 == digest and tf.n_samples == x_train.shape[0]:
+                ctx.log(f"  training-set Fisher I_D: reused {path} (computed in {tf.time_s:.1f} s)")
+                return tf
+            ctx.log(f"  training-set Fisher: cache entry {path} belongs to another model; "
+                    "recomputing")
+        except CheckpointError as exc:
+            ctx.log(f"  training-set Fisher: cache entry unusable ({exc}); recomputing")
+    batch = cfg.hyperparameters.get("deepclean", {}).get("fisher_batch_size", 256)
+    tf = precompute_train_fisher(original, TensorDataset(x_train, y_train), batch_size=batch,
+                                 device=ctx.device)
+    tf.save(path, {"key": original_meta["key"]})
+    ctx.log(f"  training-set Fisher I_D on {tf.n_samples} samples: {tf.time_s:.1f} s "
+            "(once per original model)")
+    return tf
 
 
 def _split_and_gold(ctx: _Context, *, scenario: str, seed: int, model_name: str,

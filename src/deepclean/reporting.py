@@ -197,9 +197,14 @@ def _ideal_row(columns: list) -> list[str] | None:
 def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
     """Markdown tables of kind ``table`` (a key of :data:`TABLES`), one per (data set, model,
     scenario); an empty string when no record applies."""
-    title, columns, note, groups = _groups(list(records), table)
+    records = list(records)
+    title, columns, note, groups = _groups(records, table)
     parts = []
     for (dataset, model, scenario), rows in groups.items():
+        once = sorted({round(r["precompute_time_s"], 1) for r in records
+                       if r.get("precompute_time_s") and (r.get("dataset"), r.get("model"),
+                                                          r.get("scenario")) ==
+                       (dataset, model, scenario)})
         seeds = sorted({s for row in rows for s in row["seeds"]})
         header = ["Method"] + [c[0] for c in columns]
         lines = [
@@ -215,6 +220,12 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
             cells = [row["method"]] + [_cell(row[c[0]], c[2]) for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", note]
+        if once:
+            lines.append(
+                "DeepClean's time (and Zero Weights') excludes the training-set Fisher I_D, "
+                "computed once per original model (--precompute-fisher): "
+                + ", ".join(f"{t:.1f}" for t in once) + " s."
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n" if parts else ""
 
@@ -257,9 +268,14 @@ def _tex(text: str) -> str:
 
 def latex_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
     """LaTeX ``table`` environments (booktabs rules) of kind ``table``, one per group."""
-    title, columns, note, groups = _groups(list(records), table)
+    records = list(records)
+    title, columns, note, groups = _groups(records, table)
     parts = []
     for (dataset, model, scenario), rows in groups.items():
+        once = sorted({round(r["precompute_time_s"], 1) for r in records
+                       if r.get("precompute_time_s") and (r.get("dataset"), r.get("model"),
+                                                          r.get("scenario")) ==
+                       (dataset, model, scenario)})
         seeds = sorted({s for row in rows for s in row["seeds"]})
         lines = [
             r"\begin{table}[t]",

@@ -35,7 +35,7 @@ IGNORED_CONFIG_FIELDS = frozenset(
 )
 # Fields added to the configuration after results were first written, with their defaults: a
 # config.json without one of them was written with its default and is the same configuration.
-NEW_FIELD_DEFAULTS = {"precision": "fp32", "channels_last": False}
+NEW_FIELD_DEFAULTS = {"precision": "fp32", "channels_last": False, "precompute_fisher": False}
 _OWN_ENTRIES = ("results", "checkpoints", "splits", "audit", "results.md", "results.csv")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 

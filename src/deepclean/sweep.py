@@ -62,6 +62,7 @@ def sweep_gamma(
         _method_kwargs,
         _original_model,
         _split_and_gold,
+        _train_fisher,
         _training_subset,
         _write_json,
     )
@@ -80,8 +81,12 @@ def sweep_gamma(
     for seed in config.seeds:
         subset, x_train, y_train = _training_subset(ctx, seed)
         for model_name in config.models:
-            original, _ = _original_model(ctx, model_name=model_name, seed=seed, subset=subset,
-                                          x_train=x_train, y_train=y_train)
+            original, original_meta = _original_model(
+                ctx, model_name=model_name, seed=seed, subset=subset, x_train=x_train,
+                y_train=y_train)
+            train_fisher = _train_fisher(ctx, model_name=model_name, original=original,
+                                         original_meta=original_meta, x_train=x_train,
+                                         y_train=y_train)
             for scenario in config.scenarios:
                 split, gold, gold_meta = _split_and_gold(
                     ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
@@ -91,7 +96,7 @@ def sweep_gamma(
                                       original=original, gold=gold)
                 gold_metrics, _ = evaluate(gold, is_gold=True, extended=False)
                 kwargs = _method_kwargs(config, "deepclean", scenario, seed, device, model_name,
-                                        data)
+                                        data, train_fisher)
                 forget = TensorDataset(x_train[split.forget], y_train[split.forget])
                 retain = TensorDataset(x_train[split.retain], y_train[split.retain])
                 method = make_method("deepclean", **kwargs)
@@ -138,6 +143,7 @@ def sweep_gamma(
                             "d_mia": metrics["mia"] - gold_metrics["mia"],
                         },
                         "fisher_time_s": fisher_time,
+                        **({"precompute_time_s": train_fisher.time_s} if train_fisher else {}),
                         "selection_time_s": seconds,
                         "time_s": fisher_time + seconds,
                         "hyperparameters": m.hyperparameters(),

@@ -16,6 +16,7 @@ from deepclean.methods.base import (
     register_method,
 )
 from deepclean.selection import check_mask, mask_summary, select_weights
+from deepclean.train_fisher import TrainFisher
 from torch.utils.data import TensorDataset
 
 __all__ = ["DeepClean", "ZeroWeights", "reset_weights"]
@@ -51,6 +52,11 @@ class DeepClean(Unlearner):
         fisher_batch_size: batch size of the Fisher pass (does not change the result). Default 256.
         bn_stats: ``"update"`` (default: BatchNorm re-estimates its running statistics on D_r
             during the fine-tune) or ``"freeze"`` (BatchNorm buffers bitwise unchanged).
+        train_fisher: optional :class:`deepclean.train_fisher.TrainFisher`, I_D of this model on
+            D = D_f + D_r computed once beforehand; then only D_f gets a Fisher pass and
+            ``I_Dr = (|D| I_D - |D_f| I_Df) / |D_r|`` (same diagonal up to rounding). It must
+            belong to this model and exactly these samples (else ``ConfigurationError`` /
+            ``SplitMismatchError`` before any reset). Default None: both passes, as in the paper.
         seed: seeds the fine-tune's shuffling.
 
     After :meth:`unlearn`, ``mask_`` holds the selection and ``info_`` the number and share of
@@ -70,12 +76,18 @@ class DeepClean(Unlearner):
         batch_size: int = 128,
         fisher_batch_size: int = 256,
         bn_stats: str = "update",
+        train_fisher: TrainFisher | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
         check_positive(gamma=gamma, lr=lr)
+        if train_fisher is not None and not isinstance(train_fisher, TrainFisher):
+            raise ConfigurationError(
+                f"train_fisher must be a TrainFisher (deepclean.precompute_train_fisher) or None, "
+                f"got {type(train_fisher).__name__}"
+            )
         check_positive_int(batch_size=batch_size, fisher_batch_size=fisher_batch_size)
         check_non_negative_int(epochs=epochs)
         if bn_stats not in BN_STATS:
@@ -86,17 +98,27 @@ class DeepClean(Unlearner):
         self.batch_size = batch_size
         self.fisher_batch_size = fisher_batch_size
         self.bn_stats = bn_stats
+        self.train_fisher = train_fisher
         self.mask_: dict[str, torch.Tensor] | None = None
 
     def fisher_pair(
         self, model: nn.Module, xf: torch.Tensor, yf: torch.Tensor, xr: torch.Tensor,
         yr: torch.Tensor, device: torch.device,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The Fisher diagonals on D_f and D_r (step 1)."""
+        """The Fisher diagonals on D_f and D_r (step 1); with ``train_fisher``, I_Dr follows from
+        the precomputed I_D and I_Df without a pass over D_r."""
+        if self.train_fisher is not None:
+            self.train_fisher.check(model, xf, yf, xr, yr)  # before any work
         fisher_f = fisher_diagonal(model, TensorDataset(xf, yf),
                                    batch_size=self.fisher_batch_size, device=device)
-        fisher_r = fisher_diagonal(model, TensorDataset(xr, yr),
-                                   batch_size=self.fisher_batch_size, device=device)
+        if self.train_fisher is not None:
+            fisher_r = self.train_fisher.retain_fisher(model, fisher_f, xf, yf, xr, yr,
+                                                       check=False)
+            self.info_["fisher_mode"] = "precomputed"
+        else:
+            fisher_r = fisher_diagonal(model, TensorDataset(xr, yr),
+                                       batch_size=self.fisher_batch_size, device=device)
+            self.info_["fisher_mode"] = "two_passes"
         return fisher_f, fisher_r
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
@@ -130,8 +152,8 @@ class DeepClean(Unlearner):
 class ZeroWeights(DeepClean):
     """Ablation "Zero Weights" (paper Table 4): DeepClean's reset of W_f without the fine-tune.
 
-    Same selection as :class:`DeepClean` (``gamma``, ``fisher_batch_size``); the timed step is the
-    two Fisher passes and the reset.
+    Same selection as :class:`DeepClean` (``gamma``, ``fisher_batch_size``, ``train_fisher``); the
+    timed step is the Fisher passes and the reset.
     """
 
     name = "zero_weights"
@@ -143,9 +165,10 @@ class ZeroWeights(DeepClean):
         *,
         gamma: float = 1.1,
         fisher_batch_size: int = 256,
+        train_fisher: TrainFisher | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
     ) -> None:
-        super().__init__(gamma=gamma, epochs=0, fisher_batch_size=fisher_batch_size, seed=seed,
-                         device=device, progress=progress)
+        super().__init__(gamma=gamma, epochs=0, fisher_batch_size=fisher_batch_size,
+                         train_fisher=train_fisher, seed=seed, device=device, progress=progress)

@@ -1,0 +1,53 @@
+"""benchmarks/bench_run.py: the end-to-end ratios it reports, on hand-made result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_run():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "bench_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(folder: Path, method: str, time_s: float, **extra) -> None:
+    (folder / "results").mkdir(parents=True, exist_ok=True)
+    rec = {"dataset": "d", "model": "m", "scenario": "random", "seed": 0, "method": method,
+           "time_s": time_s, **extra}
+    (folder / "results" / f"{method}.json").write_text(json.dumps(rec))
+
+
+def test_ratios_with_and_without_a_precomputed_fisher(tmp_path, capsys) -> None:
+    two, pre = tmp_path / "two", tmp_path / "pre"
+    for folder in (two, pre):
+        _write(folder, "gold", 100.0)
+        _write(folder, "finetune", 20.0)
+    _write(two, "deepclean", 30.0, fisher_mode="two_passes")
+    _write(pre, "deepclean", 21.0, fisher_mode="precomputed", precompute_time_s=9.0)
+    out = tmp_path / "out"
+    assert _bench_run().main([str(two), str(pre), "--out", str(out)]) == 0
+    rows = {p.name: json.loads(p.read_text()) for p in out.glob("run_*.json")}
+    a, b = rows["run_two_d_m_random_seed0.json"], rows["run_pre_d_m_random_seed0.json"]
+    assert a["deepclean_over_gold"] == pytest.approx(0.30)
+    assert a["deepclean_over_finetune"] == pytest.approx(1.5)
+    assert b["fisher_mode"] == "precomputed"
+    assert b["deepclean_over_gold"] == pytest.approx(0.21)
+    assert b["deepclean_over_finetune"] == pytest.approx(1.05)
+    assert b["with_precompute_over_gold"] == pytest.approx(0.30)
+    assert b["with_precompute_over_finetune"] == pytest.approx(1.5)
+    table = capsys.readouterr().out
+    assert "| pre | random | 0 | precomputed | 21.0 | 9.0 | 20.0 | 100.0 | 0.21 | 1.05 | 0.30 | 1.50 |" in table
+    assert (out / "run_table.md").read_text().strip() == table.strip()
+
+
+def test_an_empty_folder_is_refused(tmp_path, capsys) -> None:
+    assert _bench_run().main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no result JSON files" in capsys.readouterr().err

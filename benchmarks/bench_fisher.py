@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--n", type=int, default=512, help="samples for the narrow models")
     ap.add_argument("--n-full", type=int, default=128, help="samples for full-width ResNet/VGG")

@@ -73,6 +73,8 @@ CONV_GROUPED_CHUNK = 16
 CONV_PAIRS_MAX_POSITIONS = 4
 # Samples unfolded at once by the per-sample path.
 CONV_UNFOLD_CHUNK = 16
+# Entries of the per-sample path's buffer of per-sample gradients (about 1 MiB in float32).
+CONV_SAMPLE_BUFFER = 262_144
 # Largest intermediate block (in elements) formed at once by the matmul paths.
 CONV_BLOCK_ELEMENTS = 8_000_000
 
@@ -249,12 +251,22 @@ def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
             # One sample at a time into a reused buffer, squared and added in place: the
             # per-sample gradient never leaves the cache and no large block is allocated; the
             # input is unfolded a few samples at a time for the same reason.
-            buf = torch.empty_like(flat)
+            # Small weights: several samples per matmul, as many as fit in the buffer.
+            per = max(1, min(CONV_UNFOLD_CHUNK, CONV_SAMPLE_BUFFER // weight.numel()))
+            buf = torch.empty((per * groups, c_out, c_in), dtype=g.dtype, device=g.device)
             for s in range(0, b, CONV_UNFOLD_CHUNK):
-                cols = columns(s, min(b, s + CONV_UNFOLD_CHUNK))
-                for n in range(cols.shape[0]):
-                    torch.bmm(g4[s + n], cols[n].transpose(1, 2), out=buf)
-                    flat.addcmul_(buf, buf)
+                e = min(b, s + CONV_UNFOLD_CHUNK)
+                cols = columns(s, e).reshape(-1, c_in, length)  # (n * groups, c_in, L)
+                g3 = g4[s:e].reshape(-1, c_out, length)
+                for t in range(0, e - s, per):
+                    k = min(per, e - s - t)
+                    out = buf[: k * groups]
+                    torch.bmm(g3[t * groups : (t + k) * groups],
+                              cols[t * groups : (t + k) * groups].transpose(1, 2), out=out)
+                    if k == 1:
+                        flat.addcmul_(out, out)
+                    else:
+                        flat += out.view(k, groups, c_out, c_in).square_().sum(0)
     out = {"weight": total}
     if module.bias is not None:
         out["bias"] = g.sum((2, 3)).square_().sum(0)

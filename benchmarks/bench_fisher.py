@@ -5,13 +5,15 @@ Run: ``python benchmarks/bench_fisher.py --out benchmarks/results`` (add ``--dev
 Every measurement runs in its own subprocess, so that its peak memory can be read alone:
 
 - time: best of ``--repeats`` runs (wall clock; CUDA synchronised);
-- memory (CPU): ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the subprocess after the runs
-  minus its value just before the first run (model and data already built), i.e. the peak
+- memory (CPU): ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the subprocess after the first
+  run minus its value just before it (model and data already built), i.e. the peak
   *extra* resident memory of the operation; (CUDA): ``torch.cuda.max_memory_allocated`` minus the
   allocation before the runs.
 
-Measurements: ``plain`` (forward, sum cross-entropy, ``loss.backward()`` per batch, model in
-eval mode), ``fisher`` (:func:`deepclean.fisher_diagonal`, same batch size), ``naive`` (one
+Measurements: ``alternate`` (the time ratio of the table: ``plain`` and ``fisher`` run in turns
+``--repeats`` times in one process, best of each, so both see the same machine state), ``plain``
+(forward, sum cross-entropy, ``loss.backward()`` per batch, model in eval mode) and ``fisher``
+(:func:`deepclean.fisher_diagonal`, same batch size) each in its own process for peak memory, ``naive`` (one
 forward+backward per sample on a subset, scaled to N), and ``dataload`` vs ``train_epoch`` (one
 epoch of :func:`deepclean.data.iterate_batches` over 60000x1x28x28 in-memory tensors against one
 training epoch of ResNet-18 width 0.125 measured on a subset and scaled to 60000 samples).
@@ -67,7 +69,7 @@ def worker(args: argparse.Namespace) -> dict:
     record = {"kind": args.kind, "model": args.model, "width": args.width, "device": str(device),
               "input": [args.channels, args.hw, args.hw], "batch_size": args.batch_size,
               "threads": torch.get_num_threads()}
-    if args.kind in ("plain", "fisher", "naive"):
+    if args.kind in ("plain", "fisher", "naive", "alternate"):
         model = build_model(args.model, in_channels=args.channels, num_classes=10,
                             width=args.width, seed=0).to(device).eval()
         n = args.n if args.kind != "naive" else min(args.n, args.naive_n)
@@ -86,6 +88,19 @@ def worker(args: argparse.Namespace) -> dict:
         def fisher() -> None:
             fisher_diagonal(model, data, batch_size=bs, device=device)
 
+        if args.kind == "alternate":
+            # plain and fisher in turns in one process: both see the same machine state
+            best = {"plain": float("inf"), "fisher": float("inf")}
+            for _ in range(args.repeats):
+                for name, f in (("plain", plain), ("fisher", fisher)):
+                    _sync(device)
+                    t = time.perf_counter()
+                    f()
+                    _sync(device)
+                    best[name] = min(best[name], time.perf_counter() - t)
+            record.update(n=n, plain_best_s=best["plain"], fisher_best_s=best["fisher"],
+                          ratio=best["fisher"] / best["plain"])
+            return record
         fn = fisher if args.kind == "fisher" else plain
         record.update(n=args.n, measured_samples=n)
     else:
@@ -126,15 +141,18 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         base = _peak(device)
     times = []
+    peak = None
     for _ in range(args.repeats):
         _sync(device)
         t = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
+        if peak is None:  # the peak of one call: later calls add the allocator's leftovers
+            peak = _peak(device)
     scale = record["n"] / record["measured_samples"]
     record.update(times_s=times, best_s=min(times), best_scaled_s=min(times) * scale,
-                  peak_extra_bytes=max(0, _peak(device) - base), base_bytes=base)
+                  peak_extra_bytes=max(0, peak - base), base_bytes=base)
     return record
 
 
@@ -151,7 +169,7 @@ def env_record(args: argparse.Namespace) -> dict:
            "torch": torch.__version__, "python": platform.python_version(),
            "device": args.device, "platform": platform.platform(),
            "memory_method": "CUDA max_memory_allocated" if args.device.startswith("cuda") else
-           "ru_maxrss of a fresh subprocess per measurement, minus its value before the runs",
+           "ru_maxrss of a fresh subprocess per measurement after its first run, minus its value before",
            "time_method": f"best of {args.repeats}, wall clock"}
     if args.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -208,25 +226,29 @@ def main() -> None:
         n = args.n if width < 1 or model == "small_cnn" else args.n_full
         for c, hw in INPUTS:
             res = {}
-            kinds = ["plain", "fisher"] + (["naive"] if args.naive_n > 0 else [])
+            kinds = ["alternate", "plain", "fisher"] + (["naive"] if args.naive_n > 0 else [])
             for kind in kinds:
                 r = run_one(args, kind=kind, model=model, width=width, channels=c, hw=hw, n=n)
                 res[kind] = r
                 name = f"{kind}_{model}_w{width:g}_{c}x{hw}x{hw}_{args.device}.json"
                 (out / name).write_text(json.dumps(r, indent=2))
-                print(f"  {name}: {r['best_scaled_s']:.3f} s, +{r['peak_extra_bytes'] / 2**20:.0f} MiB",
-                      file=sys.stderr, flush=True)
+                if kind == "alternate":
+                    print(f"  {name}: fisher/plain {r['ratio']:.2f}", file=sys.stderr, flush=True)
+                else:
+                    print(f"  {name}: {r['best_scaled_s']:.3f} s, "
+                          f"+{r['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
             rows.append((model, width, f"{c}x{hw}x{hw}", n, res))
     lines = ["| model | width | input | N | plain s | fisher s | fisher/plain time | naive/plain time "
              "| plain extra MiB | fisher extra MiB | fisher/plain memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, width, inp, n, res in rows:
-        p, f = res["plain"], res["fisher"]
-        naive = (f"{res['naive']['best_scaled_s'] / p['best_s']:.2f}" if "naive" in res else "-")
+        a, p, f = res["alternate"], res["plain"], res["fisher"]
+        naive = (f"{res['naive']['best_scaled_s'] / a['plain_best_s']:.2f}" if "naive" in res
+                 else "-")
         pm, fm = p["peak_extra_bytes"] / 2**20, f["peak_extra_bytes"] / 2**20
-        lines.append(f"| {model} | {width:g} | {inp} | {n} | {p['best_s']:.3f} | {f['best_s']:.3f} "
-                     f"| {f['best_s'] / p['best_s']:.2f} | {naive} | {pm:.0f} | {fm:.0f} "
-                     f"| {fm / pm if pm > 0 else float('nan'):.2f} |")
+        lines.append(f"| {model} | {width:g} | {inp} | {n} | {a['plain_best_s']:.3f} "
+                     f"| {a['fisher_best_s']:.3f} | {a['ratio']:.2f} | {naive} | {pm:.0f} "
+                     f"| {fm:.0f} | {fm / pm if pm > 0 else float('nan'):.2f} |")
     if not args.no_dataload:
         d = run_one(args, kind="dataload")
         t = run_one(args, kind="train_epoch")

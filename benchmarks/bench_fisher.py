@@ -11,7 +11,8 @@ Every measurement runs in its own subprocess, so that its peak memory can be rea
   allocation before the runs.
 
 Measurements: ``alternate`` (the time ratio of the table: ``plain`` and ``fisher`` run in turns
-``--repeats`` times in one process, best of each, so both see the same machine state), ``plain``
+``--repeats`` times in one process, best of each, so both see the same machine state; repeated in
+``--trials`` processes, the table shows the median and the range), ``plain``
 (forward, sum cross-entropy, ``loss.backward()`` per batch, model in eval mode) and ``fisher``
 (:func:`deepclean.fisher_diagonal`, same batch size) each in its own process for peak memory, ``naive`` (one
 forward+backward per sample on a subset, scaled to N), and ``dataload`` vs ``train_epoch`` (one
@@ -197,6 +198,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=3,
+                    help="processes measuring the time ratio; the table shows their median")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--n", type=int, default=512, help="samples for the narrow models")
     ap.add_argument("--n-full", type=int, default=128, help="samples for full-width ResNet/VGG")
@@ -226,29 +229,40 @@ def main() -> None:
         n = args.n if width < 1 or model == "small_cnn" else args.n_full
         for c, hw in INPUTS:
             res = {}
-            kinds = ["alternate", "plain", "fisher"] + (["naive"] if args.naive_n > 0 else [])
+            kinds = ([f"alternate{t}" for t in range(args.trials)] + ["plain", "fisher"]
+                     + (["naive"] if args.naive_n > 0 else []))
             for kind in kinds:
-                r = run_one(args, kind=kind, model=model, width=width, channels=c, hw=hw, n=n)
+                r = run_one(args, kind=kind.rstrip("0123456789"), model=model, width=width,
+                            channels=c, hw=hw, n=n)
                 res[kind] = r
                 name = f"{kind}_{model}_w{width:g}_{c}x{hw}x{hw}_{args.device}.json"
                 (out / name).write_text(json.dumps(r, indent=2))
-                if kind == "alternate":
+                if kind.startswith("alternate"):
                     print(f"  {name}: fisher/plain {r['ratio']:.2f}", file=sys.stderr, flush=True)
                 else:
                     print(f"  {name}: {r['best_scaled_s']:.3f} s, "
                           f"+{r['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
             rows.append((model, width, f"{c}x{hw}x{hw}", n, res))
-    lines = ["| model | width | input | N | plain s | fisher s | fisher/plain time | naive/plain time "
-             "| plain extra MiB | fisher extra MiB | fisher/plain memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | width | input | N | plain s | fisher s | fisher/plain time (median) "
+             "| range over trials | naive/plain time | plain extra MiB | fisher extra MiB "
+             "| fisher/plain memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary = []
     for model, width, inp, n, res in rows:
-        a, p, f = res["alternate"], res["plain"], res["fisher"]
+        trials = sorted((r for k, r in res.items() if k.startswith("alternate")),
+                        key=lambda r: r["ratio"])
+        a, p, f = trials[len(trials) // 2], res["plain"], res["fisher"]
         naive = (f"{res['naive']['best_scaled_s'] / a['plain_best_s']:.2f}" if "naive" in res
                  else "-")
         pm, fm = p["peak_extra_bytes"] / 2**20, f["peak_extra_bytes"] / 2**20
         lines.append(f"| {model} | {width:g} | {inp} | {n} | {a['plain_best_s']:.3f} "
-                     f"| {a['fisher_best_s']:.3f} | {a['ratio']:.2f} | {naive} | {pm:.0f} "
+                     f"| {a['fisher_best_s']:.3f} | {a['ratio']:.2f} "
+                     f"| {trials[0]['ratio']:.2f}-{trials[-1]['ratio']:.2f} | {naive} | {pm:.0f} "
                      f"| {fm:.0f} | {fm / pm if pm > 0 else float('nan'):.2f} |")
+        summary.append({"model": model, "width": width, "input": inp, "n": n,
+                        "ratio_median": a["ratio"], "ratios": [r["ratio"] for r in trials],
+                        "memory_ratio": fm / pm if pm > 0 else None})
+    (out / "fisher_summary.json").write_text(json.dumps(summary, indent=2))
     if not args.no_dataload:
         d = run_one(args, kind="dataload")
         t = run_one(args, kind="train_epoch")

@@ -207,6 +207,8 @@ def main() -> None:
     ap.add_argument("--train-n", type=int, default=1024)
     ap.add_argument("--models", default=None, help="comma list, e.g. small_cnn,resnet18")
     ap.add_argument("--no-dataload", action="store_true")
+    ap.add_argument("--table-only", action="store_true",
+                    help="measure nothing: rebuild the table from the JSON files in --out")
     # worker mode
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="plain")
@@ -220,21 +222,18 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "env.json").write_text(json.dumps(env_record(args), indent=2))
-    rows = []
     wanted = set(args.models.split(",")) if args.models else None
-    for model, width, n_default in CONFIGS:
-        if wanted and model not in wanted:
-            continue
-        n = args.n if width < 1 or model == "small_cnn" else args.n_full
-        for c, hw in INPUTS:
-            res = {}
+    configs = [(model, width, args.n if width < 1 or model == "small_cnn" else args.n_full, c, hw)
+               for model, width, _ in CONFIGS if not wanted or model in wanted
+               for c, hw in INPUTS]
+    if not args.table_only:
+        (out / "env.json").write_text(json.dumps(env_record(args), indent=2))
+        for model, width, n, c, hw in configs:
             kinds = ([f"alternate{t}" for t in range(args.trials)] + ["plain", "fisher"]
                      + (["naive"] if args.naive_n > 0 else []))
             for kind in kinds:
                 r = run_one(args, kind=kind.rstrip("0123456789"), model=model, width=width,
                             channels=c, hw=hw, n=n)
-                res[kind] = r
                 name = f"{kind}_{model}_w{width:g}_{c}x{hw}x{hw}_{args.device}.json"
                 (out / name).write_text(json.dumps(r, indent=2))
                 if kind.startswith("alternate"):
@@ -242,32 +241,44 @@ def main() -> None:
                 else:
                     print(f"  {name}: {r['best_scaled_s']:.3f} s, "
                           f"+{r['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-            rows.append((model, width, f"{c}x{hw}x{hw}", n, res))
-    lines = ["| model | width | input | N | plain s | fisher s | fisher/plain time (median) "
-             "| range over trials | naive/plain time | plain extra MiB | fisher extra MiB "
-             "| fisher/plain memory |",
+        if not args.no_dataload:
+            for kind in ("dataload", "train_epoch"):
+                r = run_one(args, kind=kind)
+                (out / f"{kind}_{args.device}.json").write_text(json.dumps(r, indent=2))
+    print(build_table(out, configs, args.device))
+
+
+def build_table(out: Path, configs: list, device: str) -> str:
+    """The Markdown table of the JSON files in ``out`` (also written to ``table.md``), and
+    ``fisher_summary.json``."""
+    lines = ["| model | width | input | N | plain s | fisher s | fisher/plain time, alternating "
+             "(median) | range over trials | fisher/plain time, separate processes "
+             "| plain extra MiB | fisher extra MiB | fisher/plain memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = []
-    for model, width, inp, n, res in rows:
-        trials = sorted((r for k, r in res.items() if k.startswith("alternate")),
+    for model, width, n, c, hw in configs:
+        stem = f"{model}_w{width:g}_{c}x{hw}x{hw}_{device}.json"
+        if not (out / f"plain_{stem}").is_file():
+            continue
+        trials = sorted((json.loads(p.read_text()) for p in out.glob(f"alternate*_{stem}")),
                         key=lambda r: r["ratio"])
-        a, p, f = trials[len(trials) // 2], res["plain"], res["fisher"]
-        naive = (f"{res['naive']['best_scaled_s'] / a['plain_best_s']:.2f}" if "naive" in res
-                 else "-")
+        p, f = (json.loads((out / f"{k}_{stem}").read_text()) for k in ("plain", "fisher"))
+        a = trials[len(trials) // 2]
         pm, fm = p["peak_extra_bytes"] / 2**20, f["peak_extra_bytes"] / 2**20
-        lines.append(f"| {model} | {width:g} | {inp} | {n} | {a['plain_best_s']:.3f} "
+        separate = f["best_s"] / p["best_s"]
+        lines.append(f"| {model} | {width:g} | {c}x{hw}x{hw} | {n} | {a['plain_best_s']:.3f} "
                      f"| {a['fisher_best_s']:.3f} | {a['ratio']:.2f} "
-                     f"| {trials[0]['ratio']:.2f}-{trials[-1]['ratio']:.2f} | {naive} | {pm:.0f} "
-                     f"| {fm:.0f} | {fm / pm if pm > 0 else float('nan'):.2f} |")
-        summary.append({"model": model, "width": width, "input": inp, "n": n,
-                        "ratio_median": a["ratio"], "ratios": [r["ratio"] for r in trials],
+                     f"| {trials[0]['ratio']:.2f}-{trials[-1]['ratio']:.2f} | {separate:.2f} "
+                     f"| {pm:.0f} | {fm:.0f} | {fm / pm if pm > 0 else float('nan'):.2f} |")
+        summary.append({"model": model, "width": width, "input": [c, hw, hw], "n": n,
+                        "ratio_alternating_median": a["ratio"],
+                        "ratios_alternating": [r["ratio"] for r in trials],
+                        "ratio_separate_processes": separate,
                         "memory_ratio": fm / pm if pm > 0 else None})
     (out / "fisher_summary.json").write_text(json.dumps(summary, indent=2))
-    if not args.no_dataload:
-        d = run_one(args, kind="dataload")
-        t = run_one(args, kind="train_epoch")
-        for r in (d, t):
-            (out / f"{r['kind']}_{args.device}.json").write_text(json.dumps(r, indent=2))
+    d_path, t_path = out / f"dataload_{device}.json", out / f"train_epoch_{device}.json"
+    if d_path.is_file() and t_path.is_file():
+        d, t = json.loads(d_path.read_text()), json.loads(t_path.read_text())
         share = d["best_s"] / (d["best_s"] + t["best_scaled_s"])
         lines += ["", "| data loading epoch s (60000x1x28x28) | training epoch s (resnet18 w0.125, "
                   f"scaled from {t['measured_samples']}) | loading share |", "|---|---|---|",
@@ -275,7 +286,7 @@ def main() -> None:
         (out / "dataload_share.json").write_text(json.dumps({"share": share}, indent=2))
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -51,3 +51,27 @@ def test_ratios_with_and_without_a_precomputed_fisher(tmp_path, capsys) -> None:
 def test_an_empty_folder_is_refused(tmp_path, capsys) -> None:
     assert _bench_run().main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no result JSON files" in capsys.readouterr().err
+
+
+def test_fisher_table_from_hand_made_measurements(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_fisher",
+                                                  ROOT / "benchmarks" / "bench_fisher.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stem = "small_cnn_w1_1x28x28_cpu.json"
+    for t, (plain, fisher) in enumerate([(1.0, 1.4), (1.0, 1.2), (2.0, 3.2)]):
+        (tmp_path / f"alternate{t}_{stem}").write_text(json.dumps(
+            {"plain_best_s": plain, "fisher_best_s": fisher, "ratio": fisher / plain}))
+    (tmp_path / f"plain_{stem}").write_text(json.dumps({"best_s": 1.0,
+                                                         "peak_extra_bytes": 100 * 2**20}))
+    (tmp_path / f"fisher_{stem}").write_text(json.dumps({"best_s": 1.5,
+                                                          "peak_extra_bytes": 150 * 2**20}))
+    (tmp_path / "dataload_cpu.json").write_text(json.dumps({"best_s": 1.0}))
+    (tmp_path / "train_epoch_cpu.json").write_text(json.dumps({"best_scaled_s": 99.0,
+                                                               "measured_samples": 1024}))
+    table = bench.build_table(tmp_path, [("small_cnn", 1.0, 512, 1, 28)], "cpu")
+    # median of the three alternating trials (1.2, 1.4, 1.6), their range, the separate ratio
+    assert "| small_cnn | 1 | 1x28x28 | 512 | 1.000 | 1.400 | 1.40 | 1.20-1.60 | 1.50 | 100 | 150 | 1.50 |" in table
+    assert "| 1.000 | 99.0 | 1.00 % |" in table
+    summary = json.loads((tmp_path / "fisher_summary.json").read_text())
+    assert summary[0]["ratios_alternating"] == pytest.approx([1.2, 1.4, 1.6])

@@ -23,8 +23,9 @@ backward pass plus one layer's workspace:
   the weight gradient of one grouped convolution whose groups are the samples (the backend's own
   convolution-backward kernel), squared and summed; for a larger weight and ``L <= 4`` the
   identity ``sum_n (G_n U_n^T)^2 = sum_n sum_{l <= l'} c_ll' (g_l g_l') (u_l u_l')^T`` turns
-  the sum of squares into one large matmul over (sample, position pair) (clamped at 0 against
-  rounding); otherwise each sample's gradient ``G_n @ unfold(x_n)^T`` is formed in one reused
+  the sum of squares into large matmuls over (sample, position pair), with the kernel taps
+  grouped by the positions at which they read the input rather than zero padding (clamped at 0
+  against rounding); otherwise each sample's gradient ``G_n @ unfold(x_n)^T`` is formed in one reused
   buffer and squared into the total in place (``addcmul_``), so it stays in the cache and no
   large block is allocated per batch. 1x1 convolutions skip the unfold.
 - ``nn.BatchNorm*`` in eval mode: ``sum_{spatial} g * x_hat`` and ``sum_{spatial} g`` per
@@ -209,6 +210,64 @@ def _conv_path(length: int, weight_numel: int) -> str:
     return "per_sample"
 
 
+def _conv_pairs_sq(module: nn.Conv2d, x: torch.Tensor, g4: torch.Tensor,
+                   flat: torch.Tensor) -> None:
+    """Add ``sum_n (per-sample weight gradient)^2`` of a Conv2d with a small output map to
+    ``flat`` ``(groups, c_out/groups, c_in/groups * kh * kw)`` by the position-pair identity
+
+        sum_n (G_n U_n^T)^2 = sum_n sum_{l <= l'} c_ll' (g_l * g_l') (u_l * u_l')^T,
+
+    ``c = 1`` on the diagonal and 2 off it: one large matmul over (sample, pair). Kernel taps
+    that read zero padding at some positions only need the pairs of the positions where they read
+    the input, so taps are grouped by that set of positions (for a 3x3 kernel on a 2x2 map:
+    corners 1 pair, edges 3, the centre 10, instead of 10 for all nine). The inputs each tap reads
+    are gathered straight from the padded input (no unfold).
+    """
+    b = x.shape[0]
+    groups, c_out, c_in = flat.shape
+    kh, kw = module.kernel_size
+    taps = kh * kw
+    xp, (ph, pw) = _conv_padded(module, x)  # padded already unless the padding is zeros
+    read = xp.shape[2:]  # what the convolution reads besides zero padding
+    xp = nn.functional.pad(xp, (pw, pw, ph, ph))  # zero padding made explicit
+    hp, wp = xp.shape[2:]
+    geometry = {"kernel_size": module.kernel_size, "dilation": module.dilation,
+                "stride": module.stride}
+    where = torch.arange(hp * wp, dtype=torch.float64, device=x.device).view(1, 1, hp, wp)
+    index = nn.functional.unfold(where, **geometry)[0].long()  # (taps, L) into the padded map
+    inside = nn.functional.pad(torch.ones((1, 1, *read), dtype=torch.float64,
+                                          device=x.device), (pw, pw, ph, ph))
+    valid = nn.functional.unfold(inside, **geometry)[0] != 0  # tap t reads the input at l
+    by_positions: dict[tuple[int, ...], list[int]] = {}
+    for t in range(taps):
+        positions = tuple(torch.nonzero(valid[t]).flatten().tolist())
+        if positions:  # a tap that only ever reads padding has a zero gradient
+            by_positions.setdefault(positions, []).append(t)
+    xflat = xp.reshape(b, groups, c_in // taps, hp * wp)
+    flat4 = flat.view(groups, c_out, c_in // taps, taps)
+    for positions, tap_list in by_positions.items():
+        m = len(positions)
+        pos = torch.tensor(positions, device=x.device)
+        tap_idx = torch.tensor(tap_list, device=x.device)
+        gather = index[tap_idx][:, pos].T.reshape(-1)  # (m * |T|,) position-major
+        rows, cols_idx = torch.triu_indices(m, m, device=x.device)
+        factor = torch.where(rows == cols_idx, 1.0, 2.0).to(g4.dtype).view(1, 1, -1, 1)
+        width = (c_in // taps) * len(tap_list)
+        n_pairs = rows.numel()
+        chunk = max(1, CONV_BLOCK_ELEMENTS // ((c_out + width) * n_pairs * groups))
+        for s in range(0, b, chunk):
+            e = min(b, s + chunk)
+            gs = g4[s:e].index_select(3, pos).permute(1, 0, 3, 2)  # (groups, n, m, c_out)
+            us = xflat[s:e].index_select(3, gather)
+            us = us.view(e - s, groups, c_in // taps, m, len(tap_list))
+            us = us.permute(1, 0, 3, 2, 4).reshape(groups, e - s, m, width)
+            gg = gs.index_select(2, rows) * (gs.index_select(2, cols_idx) * factor)
+            uu = us.index_select(2, rows) * us.index_select(2, cols_idx)  # (groups, n, P, width)
+            part = torch.bmm(gg.reshape(groups, -1, c_out).transpose(1, 2),
+                             uu.reshape(groups, -1, width))
+            flat4.index_add_(3, tap_idx, part.view(groups, c_out, c_in // taps, len(tap_list)))
+
+
 def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
     """``sum_n (per-sample weight gradient)^2`` of a Conv2d, by one of three exact contractions
     chosen from the output-map size ``L`` and the weight's size (see the module docstring)."""
@@ -231,21 +290,7 @@ def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
             return _conv_columns(module, x[s:e]).reshape(e - s, groups, c_in, length)
 
         if path == "pairs":
-            # (g u^T)^2 summed over samples = sum over position pairs (l <= l') of
-            # c_ll' (g_l * g_l') (u_l * u_l')^T, c = 1 on the diagonal and 2 off it: one large
-            # matmul over (sample, pair) per chunk of samples.
-            rows, cols_idx = torch.triu_indices(length, length, device=g.device)
-            factor = torch.where(rows == cols_idx, 1.0, 2.0).to(g.dtype).view(1, 1, -1, 1)
-            g_t = g4.permute(1, 0, 3, 2)  # (groups, B, L, c_out)
-            n_pairs = rows.numel()
-            chunk = max(1, CONV_BLOCK_ELEMENTS // ((c_out + c_in) * n_pairs * groups))
-            for s in range(0, b, chunk):
-                e = min(b, s + chunk)
-                gs, us = g_t[:, s:e], columns(s, e).permute(1, 0, 3, 2)  # (groups, n, L, c)
-                gg = gs[:, :, rows] * (gs[:, :, cols_idx] * factor)  # (groups, n, P, c_out)
-                uu = us[:, :, rows] * us[:, :, cols_idx]  # (groups, n, P, c_in)
-                flat.baddbmm_(gg.reshape(groups, -1, c_out).transpose(1, 2),
-                              uu.reshape(groups, -1, c_in))
+            _conv_pairs_sq(module, x, g4, flat)
             total.clamp_min_(0)  # rounding in the expanded square must not go below zero
         else:
             # One sample at a time into a reused buffer, squared and added in place: the

@@ -30,3 +30,24 @@ def bn_model() -> torch.nn.Module:
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
     return model
+
+
+@pytest.fixture
+def masked_case():
+    """A function ``(seed=0) -> (model, x, y, mask)``: a small CNN, 24 inputs of 1x28x28 and a
+    mask that freezes the first convolution whole and selects about half of every other tensor."""
+
+    def make(seed: int = 0):
+        model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(24, 1, 28, 28, generator=gen)
+        y = torch.randint(0, 10, (24,), generator=gen)
+        mask = {}
+        for name, p in model.named_parameters():
+            if name.startswith("features.0"):
+                mask[name] = torch.zeros_like(p, dtype=torch.bool)  # whole tensor frozen
+            else:
+                mask[name] = torch.rand(p.shape, generator=gen) < 0.5
+        return model, x, y, mask
+
+    return make

@@ -10,18 +10,6 @@ from deepclean import MaskError, masked_finetune
 from deepclean.models import build_model
 
 
-def _setup(seed: int = 0):
-    model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(24, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (24,), generator=gen)
-    mask = {}
-    for name, p in model.named_parameters():
-        if name.startswith("features.0"):
-            mask[name] = torch.zeros_like(p, dtype=torch.bool)  # whole tensor frozen
-        else:
-            mask[name] = torch.rand(p.shape, generator=gen) < 0.5
-    return model, x, y, mask
 
 
 def _run(model, mask, x, y, **kw):
@@ -31,8 +19,8 @@ def _run(model, mask, x, y, **kw):
     )
 
 
-def test_unselected_bitwise_equal_and_selected_moved() -> None:
-    model, x, y, mask = _setup()
+def test_unselected_bitwise_equal_and_selected_moved(masked_case) -> None:
+    model, x, y, mask = masked_case()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _run(model, mask, x, y)
     moved = 0
@@ -43,8 +31,8 @@ def test_unselected_bitwise_equal_and_selected_moved() -> None:
     assert moved > 0.5 * sum(int(m.sum()) for m in mask.values()), moved
 
 
-def test_all_false_tensor_gets_no_gradient_and_requires_grad_is_restored() -> None:
-    model, x, y, mask = _setup()
+def test_all_false_tensor_gets_no_gradient_and_requires_grad_is_restored(masked_case) -> None:
+    model, x, y, mask = masked_case()
     frozen = model.features[0].weight
     seen = []
     hook = model.features[0].register_forward_hook(
@@ -69,8 +57,8 @@ def test_all_false_tensor_gets_no_gradient_and_requires_grad_is_restored() -> No
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_requires_grad_restored_on_error() -> None:
-    model, x, y, mask = _setup()
+def test_requires_grad_restored_on_error(masked_case) -> None:
+    model, x, y, mask = masked_case()
 
     def boom(module, inputs, output):
         raise RuntimeError("boom")
@@ -82,8 +70,8 @@ def test_requires_grad_restored_on_error() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_mask_with_wrong_keys_raises() -> None:
-    model, x, y, mask = _setup()
+def test_mask_with_wrong_keys_raises(masked_case) -> None:
+    model, x, y, mask = masked_case()
     bad = {"module." + k: v for k, v in mask.items()}
     with pytest.raises(MaskError, match="module."):
         _run(model, bad, x, y)
@@ -99,24 +87,24 @@ def _bn_buffers(model: nn.Module) -> dict:
     }
 
 
-def test_bn_freeze_keeps_buffers_bitwise() -> None:
-    model, x, y, mask = _setup()
+def test_bn_freeze_keeps_buffers_bitwise(masked_case) -> None:
+    model, x, y, mask = masked_case()
     before = _bn_buffers(model)
     _run(model, mask, x, y, bn_stats="freeze")
     for n, b in _bn_buffers(model).items():
         assert torch.equal(b, before[n]), n
 
 
-def test_bn_update_changes_running_mean() -> None:
-    model, x, y, mask = _setup()
+def test_bn_update_changes_running_mean(masked_case) -> None:
+    model, x, y, mask = masked_case()
     before = _bn_buffers(model)
     _run(model, mask, x, y, bn_stats="update")
     after = _bn_buffers(model)
     assert not torch.equal(after["features.1.running_mean"], before["features.1.running_mean"])
 
 
-def test_no_mask_trains_everything() -> None:
-    model, x, y, _ = _setup()
+def test_no_mask_trains_everything(masked_case) -> None:
+    model, x, y, _ = masked_case()
     before = [p.detach().clone() for p in model.parameters()]
     _run(model, None, x, y)
     assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))

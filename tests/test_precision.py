@@ -58,10 +58,10 @@ def conv_model_and_data():
     and a Linear head; 40 samples of 3x16x16 inputs, 7 classes."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),  # 16x16: grouped path
-        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),  # 8x8: unfold + batched matmul
-        nn.Conv2d(6, 5, 3, stride=4, padding=1), nn.ReLU(),  # 2x2: position-pair matmul
-        nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5), nn.ReLU(),  # 1x1, 2x2
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),  # 16x16
+        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),  # 8x8
+        nn.Conv2d(6, 5, 3, stride=4, padding=1), nn.ReLU(),  # 2x2
+        nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5), nn.ReLU(),  # 1x1 kernel on 2x2
         nn.Flatten(), nn.Linear(20, 7),
     )
     g = torch.Generator().manual_seed(1)
@@ -110,7 +110,13 @@ def test_autocast_helper_and_memory_format():
 # ---------------------------------------------------------------- the Fisher stays exact
 
 
-def test_fisher_of_a_channels_last_model_equals_the_contiguous_one(conv_model_and_data):
+@pytest.mark.parametrize("path", [None, "grouped", "pairs", "per_sample"])
+def test_fisher_of_a_channels_last_model_equals_the_contiguous_one(conv_model_and_data, path,
+                                                                   monkeypatch):
+    import deepclean.fisher as fisher_module
+
+    if path is not None:  # each Conv2d contraction forced on every layer (None: the shape rule)
+        monkeypatch.setattr(fisher_module, "_conv_path", lambda length, numel: path)
     model, data = conv_model_and_data
     nhwc = to_memory_format(copy.deepcopy(model), True)
     # every kxk Conv2d weight (a 1x1 weight has the same strides in both layouts; its input
@@ -172,18 +178,9 @@ def test_train_model_in_bf16_and_channels_last(digits_model):
 # ---------------------------------------------------------------- frozen is still bitwise
 
 
-def test_masked_finetune_under_bf16_keeps_unselected_weights_bitwise():
-    model = to_memory_format(
-        build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=0), True)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (24,), generator=gen)
-    mask = {}
-    for name, p in model.named_parameters():
-        if name.startswith("features.0"):
-            mask[name] = torch.zeros_like(p, dtype=torch.bool)  # whole tensor frozen
-        else:
-            mask[name] = torch.rand(p.shape, generator=gen) < 0.5
+def test_masked_finetune_under_bf16_keeps_unselected_weights_bitwise(masked_case):
+    model, x, y, mask = masked_case()
+    model = to_memory_format(model, True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with autocast("cpu", "bf16"):
         masked_finetune(model, mask, x, y, epochs=2, lr=1e-2, batch_size=8,

@@ -174,6 +174,8 @@ def env_record(args: argparse.Namespace) -> dict:
            "time_method": f"best of {args.repeats}, wall clock"}
     if args.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
+    env["allocator_environment"] = {k: v for k, v in os.environ.items()
+                                    if k.startswith(("MALLOC_", "LD_PRELOAD"))}
     try:
         env["load_average"] = os.getloadavg()
     except OSError:

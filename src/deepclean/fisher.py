@@ -285,23 +285,18 @@ def _conv2d_sq(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
         flat = total.view(groups, weight.shape[0] // groups, -1)
         c_out, c_in = flat.shape[1], flat.shape[2]
         g4 = g.reshape(b, groups, c_out, length)
-
-        def columns(s: int, e: int) -> torch.Tensor:  # unfolded input of samples s..e-1
-            return _conv_columns(module, x[s:e]).reshape(e - s, groups, c_in, length)
-
         if path == "pairs":
             _conv_pairs_sq(module, x, g4, flat)
             total.clamp_min_(0)  # rounding in the expanded square must not go below zero
         else:
-            # One sample at a time into a reused buffer, squared and added in place: the
-            # per-sample gradient never leaves the cache and no large block is allocated; the
-            # input is unfolded a few samples at a time for the same reason.
-            # Small weights: several samples per matmul, as many as fit in the buffer.
+            # Per-sample gradients into one reused buffer (one sample per matmul, or as many as
+            # fit in it for small weights), squared and added in place: they stay in the cache
+            # and no large block is allocated; the input is unfolded 16 samples at a time.
             per = max(1, min(CONV_UNFOLD_CHUNK, CONV_SAMPLE_BUFFER // weight.numel()))
             buf = torch.empty((per * groups, c_out, c_in), dtype=g.dtype, device=g.device)
             for s in range(0, b, CONV_UNFOLD_CHUNK):
                 e = min(b, s + CONV_UNFOLD_CHUNK)
-                cols = columns(s, e).reshape(-1, c_in, length)  # (n * groups, c_in, L)
+                cols = _conv_columns(module, x[s:e]).reshape(-1, c_in, length)  # (n*groups, .)
                 g3 = g4[s:e].reshape(-1, c_out, length)
                 for t in range(0, e - s, per):
                     k = min(per, e - s - t)

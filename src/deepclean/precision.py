@@ -85,7 +85,9 @@ def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
     """A context in which forward passes on ``device`` run in ``precision``.
 
     ``"bf16"``: ``torch.autocast(device_type=device.type, dtype=torch.bfloat16)``; eligible ops
-    (matmul, convolution, ...) return bfloat16 tensors, parameters stay float32. ``"fp32"``: a null
+    (matmul, convolution, ...) return bfloat16 tensors, parameters stay float32, and weights are
+    cast again at every use (no cast cache), so the context may wrap whole training loops.
+    ``"fp32"``: a null
     context; it adds nothing and does not switch off an autocast already active around it.
 
     Args:
@@ -99,7 +101,11 @@ def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
     if precision == "fp32":
         yield
         return
-    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+    # No weight-cast cache: the context may span a whole training loop (an unlearning method),
+    # and a cached bfloat16 copy of a weight would hide every optimizer update from the forward
+    # passes that follow (the model would train on its first step's weights).
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                        cache_enabled=False):
         yield
 
 

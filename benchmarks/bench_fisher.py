@@ -247,13 +247,17 @@ def main() -> None:
             for kind in ("dataload", "train_epoch"):
                 r = run_one(args, kind=kind)
                 (out / f"{kind}_{args.device}.json").write_text(json.dumps(r, indent=2))
+    if not any((out / f"plain_{m}_w{w:g}_{c}x{hw}x{hw}_{args.device}.json").is_file()
+               for m, w, _, c, hw in configs):
+        sys.exit(f"no measurements in {out}: run without --table-only first")
     print(build_table(out, configs, args.device))
 
 
 def build_table(out: Path, configs: list, device: str) -> str:
     """The Markdown table of the JSON files in ``out`` (also written to ``table.md``), and
     ``fisher_summary.json``."""
-    lines = ["| model | width | input | N | plain s | fisher s | fisher/plain time, alternating "
+    lines = ["| model | width | input | N | plain s (alternating) | fisher s (alternating) "
+             "| fisher/plain time, alternating "
              "(median) | range over trials | fisher/plain time, separate processes "
              "| plain extra MiB | fisher extra MiB | fisher/plain memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

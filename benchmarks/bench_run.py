@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {f(row['deepclean_over_finetune'])} "
                 f"| {f(row['with_precompute_over_gold'] if once else None)} "
                 f"| {f(row['with_precompute_over_finetune'] if once else None)} |")
+    if len(lines) == 2:
+        print("no run with both a deepclean and a gold result under "
+              f"{[str(d) for d in args.results_dirs]}; run deepclean run with --methods "
+              "including deepclean", file=sys.stderr)
+        return 2
     table = "\n".join(lines)
     (args.out / "run_table.md").write_text(table + "\n")
     print(table)

@@ -75,3 +75,10 @@ def test_fisher_table_from_hand_made_measurements(tmp_path) -> None:
     assert "| 1.000 | 99.0 | 1.00 % |" in table
     summary = json.loads((tmp_path / "fisher_summary.json").read_text())
     assert summary[0]["ratios_alternating"] == pytest.approx([1.2, 1.4, 1.6])
+
+
+def test_bench_run_without_deepclean_results_fails(tmp_path, capsys) -> None:
+    _write(tmp_path, "gold", 100.0)
+    _write(tmp_path, "finetune", 20.0)
+    assert _bench_run().main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no run with both a deepclean and a gold result" in capsys.readouterr().err

@@ -110,7 +110,11 @@ def test_another_split_is_refused_before_any_work(
     else:
         yr[0] = (yr[0] + 1) % 3
     calls = _spy_fisher(monkeypatch)
-    with pytest.raises(SplitMismatchError, match="together are not the 60 training samples"):
+    counts = {"drop_one": "0 of theirs .* not among them and 1 of them are missing",
+              "swap_one": "1 of theirs .* not among them and 1 of them are missing",
+              "relabel_one": "1 of theirs .* not among them and 1 of them are missing"}[change]
+    with pytest.raises(SplitMismatchError, match="together are not the 60 training samples"
+                       f".*{counts}"):
         DeepClean(train_fisher=tf).unlearn(model, TensorDataset(xf, yf), TensorDataset(xr, yr))
     assert calls == []
 
@@ -198,3 +202,30 @@ def test_run_with_precompute_fisher_selects_the_same_weights(tmp_path, capsys) -
     # a second run reuses the cached training-set Fisher
     assert main(argv + ["--precompute-fisher", "--out", str(tmp_path / "again")]) == 0
     assert "training-set Fisher I_D: reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"precompute_fisher": True, "methods": ("finetune",)},
+         "--precompute-fisher only changes deepclean and zero_weights"),
+        ({"precompute_fisher": "yes"}, "precompute_fisher must be True or False"),
+        ({"hyperparameters": {"deepclean": {"train_fisher": None}}},
+         "deepclean.train_fisher cannot be set as a hyperparameter; pass --precompute-fisher"),
+        ({"unlearn_epochs": -1}, r"unlearn_epochs must be an integer >= 0, got -1 \(command line: "
+                                 "--unlearn-epochs\\)"),
+    ],
+)
+def test_configuration_errors_name_the_flag(fields: dict, message: str) -> None:
+    from deepclean.experiment import ExperimentConfig
+
+    with pytest.raises(ConfigurationError, match=message):
+        ExperimentConfig(**fields).validate()
+
+
+def test_training_epochs_error_names_the_flag() -> None:
+    from deepclean import TrainConfig
+
+    with pytest.raises(ConfigurationError, match=r"epochs must be an integer >= 1, got -1 "
+                                                 r"\(command line: --epochs\)"):
+        TrainConfig(epochs=-1)

@@ -180,6 +180,27 @@ class ExperimentConfig:
         for m in self.hyperparameters:
             method_class(m)
         _validate_more(self)
+        if isinstance(self.unlearn_epochs, bool) or not isinstance(self.unlearn_epochs, int) \
+                or self.unlearn_epochs < 0:
+            raise ConfigurationError(
+                f"unlearn_epochs must be an integer >= 0, got {self.unlearn_epochs!r} "
+                "(command line: --unlearn-epochs)"
+            )
+        if not isinstance(self.precompute_fisher, bool):
+            raise ConfigurationError(
+                f"precompute_fisher must be True or False, got {self.precompute_fisher!r}"
+            )
+        if self.precompute_fisher and not any(m in FISHER_METHODS for m in self.methods):
+            raise ConfigurationError(
+                f"--precompute-fisher only changes {' and '.join(FISHER_METHODS)}, but the methods "
+                f"run are {list(self.methods)}; add deepclean to --methods or drop the flag"
+            )
+        for m, hps in self.hyperparameters.items():
+            if "train_fisher" in hps:
+                raise ConfigurationError(
+                    f"{m}.train_fisher cannot be set as a hyperparameter; pass "
+                    "--precompute-fisher (precompute_fisher=True) instead"
+                )
         for m in self.methods:
             for scenario in self.scenarios:
                 # builds each method once (constructors only store and check hyperparameters), so
@@ -198,14 +219,8 @@ class ExperimentConfig:
             raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
         if not self.width > 0:
             raise ConfigurationError(f"width must be > 0, got {self.width}")
-        if self.unlearn_epochs < 0:
-            raise ConfigurationError(f"unlearn_epochs must be >= 0, got {self.unlearn_epochs}")
         check_precision(self.precision)
         check_channels_last(self.channels_last)
-        if not isinstance(self.precompute_fisher, bool):
-            raise ConfigurationError(
-                f"precompute_fisher must be True or False, got {self.precompute_fisher!r}"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,15 +110,16 @@ class TrainFisher:
                 f"{digest[:12]}...; compute it again for this model (precompute_train_fisher)"
             )
         n_f, n_r = int(xf.shape[0]), int(xr.shape[0])
-        mismatch = n_f + n_r != self.n_samples
-        if not mismatch:
-            both = sorted(_digest_list(xf, yf) + _digest_list(xr, yr))
-            mismatch = b"".join(both) != self.digests.contiguous().numpy().tobytes()
-        if mismatch:
+        both = sorted(_digest_list(xf, yf) + _digest_list(xr, yr))
+        if b"".join(both) != self.digests.contiguous().numpy().tobytes():
+            known = Counter(bytes(row) for row in self.digests.numpy())
+            unknown = sum((Counter(both) - known).values())
+            missing = sum((known - Counter(both)).values())
             raise SplitMismatchError(
                 f"D_f ({n_f} samples) and D_r ({n_r} samples) together are not the "
-                f"{self.n_samples} training samples this Fisher was computed on; compute it on "
-                "exactly D_f + D_r, or run DeepClean without a precomputed Fisher"
+                f"{self.n_samples} training samples this Fisher was computed on: {unknown} of "
+                f"theirs (input or label) are not among them and {missing} of them are missing; "
+                "compute it on exactly D_f + D_r, or run DeepClean without a precomputed Fisher"
             )
 
     def retain_fisher(

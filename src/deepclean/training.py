@@ -51,10 +51,10 @@ class TrainConfig:
     flip: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigurationError(
-                f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}"
-            )
+        for name, where in (("epochs", " (command line: --epochs)"), ("batch_size", "")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}{where}")
         if not self.lr > 0:
             raise ConfigurationError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in ("cosine", "multistep"):

@@ -229,3 +229,21 @@ def test_training_epochs_error_names_the_flag() -> None:
     with pytest.raises(ConfigurationError, match=r"epochs must be an integer >= 1, got -1 "
                                                  r"\(command line: --epochs\)"):
         TrainConfig(epochs=-1)
+
+
+@pytest.mark.parametrize("data", [{"x": torch.zeros(3, 1, 6, 6)},
+                                  (torch.zeros(3, 1, 6, 6), torch.zeros(3, dtype=torch.long)),
+                                  "data.pt"])
+def test_not_a_dataset_is_a_data_error(data) -> None:
+    from deepclean import DataError
+
+    with pytest.raises(DataError, match="expected a torch Dataset|could not read"):
+        precompute_train_fisher(_model(), data)
+    with pytest.raises(DataError, match="expected a torch Dataset|could not read"):
+        fisher_diagonal(_model(), data)
+
+
+def test_not_a_model_is_a_configuration_error() -> None:
+    x, y = _data()
+    with pytest.raises(ConfigurationError):
+        precompute_train_fisher("model", TensorDataset(x, y))

@@ -311,10 +311,24 @@ def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
         x, y = (t[index] for t in dataset.dataset.tensors)
     else:
+        if isinstance(dataset, (dict, str, bytes, torch.Tensor)) or not hasattr(dataset, "__len__") \
+                or not hasattr(dataset, "__getitem__"):
+            raise DataError(
+                f"expected a torch Dataset of (x, y) pairs, got {type(dataset).__name__}; wrap "
+                "tensors as torch.utils.data.TensorDataset(x, y)"
+            )
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise DataError("the data set is empty; expected at least one (x, y) sample")
         xs, ys = [], []
-        for item in torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=False):
+        try:
+            loader = list(torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=False))
+        except (KeyError, IndexError, TypeError, RuntimeError) as exc:
+            raise DataError(
+                f"could not read (x, y) pairs from the {type(dataset).__name__} given ({exc}); "
+                "expected a torch Dataset whose items are (x, y) pairs, e.g. "
+                "torch.utils.data.TensorDataset(x, y)"
+            ) from exc
+        for item in loader:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 raise DataError(
                     f"expected each sample to be an (x, y) pair, got {type(item).__name__} "

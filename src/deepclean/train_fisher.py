@@ -217,12 +217,16 @@ def precompute_train_fisher(
         A :class:`TrainFisher` with float64 diagonals and ``time_s`` in seconds.
 
     Raises:
-        The errors of :func:`deepclean.fisher.fisher_diagonal`.
+        ConfigurationError: ``model`` is not a module with trainable parameters.
+        DataError: ``data`` is not a data set of ``(x, y)`` pairs; and the other errors of
+            :func:`deepclean.fisher.fisher_diagonal`.
     """
     from deepclean.data import as_tensors
     from deepclean.fisher import fisher_diagonal
     from deepclean.training import synchronize
+    from deepclean.validation import check_trainable
 
+    check_trainable(model)
     x, y = as_tensors(data)
     first = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (

@@ -770,7 +770,8 @@ def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
             ctx.log(f"  training-set Fisher: cache entry {path} belongs to another model; "
                     "recomputing")
         except CheckpointError as exc:
-            ctx.log(f"  training-set Fisher: cache entry unusable ({exc}); recomputing")
+            reason = str(exc).split(";")[0]  # without the advice to delete: it is rebuilt now
+            ctx.log(f"  training-set Fisher: cache entry unusable ({reason}); recomputing it")
     batch = cfg.hyperparameters.get("deepclean", {}).get("fisher_batch_size", 256)
     tf = precompute_train_fisher(original, TensorDataset(x_train, y_train), batch_size=batch,
                                  device=ctx.device)

@@ -199,6 +199,10 @@ def test_run_with_precompute_fisher_selects_the_same_weights(tmp_path, capsys) -
     assert json.loads((tmp_path / "pre" / "config.json").read_text())["precompute_fisher"]
     assert "computed once per original model" in (tmp_path / "pre" / "results.md").read_text()
     assert "computed once" not in (tmp_path / "two" / "results.md").read_text()
+    assert "computed once per original model" in (tmp_path / "pre" / "report.html").read_text()
+    audit = json.loads((tmp_path / "pre" / "audit" /
+                        "digits_small_cnn_random_deepclean_seed0.json").read_text())
+    assert "precompute_time_s" in json.dumps(audit) and "precomputed" in json.dumps(audit)
     # a second run reuses the cached training-set Fisher
     assert main(argv + ["--precompute-fisher", "--out", str(tmp_path / "again")]) == 0
     assert "training-set Fisher I_D: reused" in capsys.readouterr().out

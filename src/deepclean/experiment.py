@@ -911,7 +911,10 @@ def _write_audit(ctx: _Context, name: str, audit: dict[str, Any], *, original: t
                "indices_refer_to": "the training subset (see splits/ for its map to the data set)",
                "checkpoint": f"checkpoints/{name}.safetensors",
                "result": f"results/{name}.json", "device": str(ctx.device),
-               "precision": ctx.cfg.precision, "channels_last": ctx.cfg.channels_last},
+               "precision": ctx.cfg.precision, "channels_last": ctx.cfg.channels_last,
+               **({"fisher_mode": rec["fisher_mode"]} if "fisher_mode" in rec else {}),
+               **({"precompute_time_s": rec["precompute_time_s"]}
+                  if "precompute_time_s" in rec else {})},
     )
     write_audit(report, ctx.out_dir / "audit", name)
 

@@ -98,6 +98,12 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
             f"{e(_fmt([get(r) for r in by_method[m]], digits))}</td>" for m in methods)
         rows.append(f"<tr><td>{e(label)}</td>{cells}<td>{e(ideal)}</td></tr>")
     parts.append(f"<table><tr><th>metric</th>{head}<th>ideal</th></tr>{''.join(rows)}</table>")
+    once = sorted({round(r["precompute_time_s"], 1) for r in recs if r.get("precompute_time_s")})
+    if once:
+        parts.append("<p class='note'>" + e(
+            "DeepClean's unlearning time (and Zero Weights') excludes the training-set Fisher I_D, "
+            "computed once per original model (--precompute-fisher): "
+            + ", ".join(f"{t:.1f}" for t in once) + " s.") + "</p>")
     reasons = {_get(r, "mia_family", "lira_reason") for r in recs} - {None}
     if reasons:
         parts.append("<p class='note'>LiRA: " + e("; ".join(sorted(reasons))) + "</p>")

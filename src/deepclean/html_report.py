@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
-from deepclean.reporting import _get, mean_ci
+from deepclean.reporting import _get, mean_ci, precompute_note
 
 __all__ = ["render_html_report", "write_html_report", "REPORT_METRICS"]
 
@@ -98,12 +98,9 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
             f"{e(_fmt([get(r) for r in by_method[m]], digits))}</td>" for m in methods)
         rows.append(f"<tr><td>{e(label)}</td>{cells}<td>{e(ideal)}</td></tr>")
     parts.append(f"<table><tr><th>metric</th>{head}<th>ideal</th></tr>{''.join(rows)}</table>")
-    once = sorted({round(r["precompute_time_s"], 1) for r in recs if r.get("precompute_time_s")})
+    once = precompute_note(recs)
     if once:
-        parts.append("<p class='note'>" + e(
-            "DeepClean's unlearning time (and Zero Weights') excludes the training-set Fisher I_D, "
-            "computed once per original model (--precompute-fisher): "
-            + ", ".join(f"{t:.1f}" for t in once) + " s.") + "</p>")
+        parts.append(f"<p class='note'>{e(once)}</p>")
     reasons = {_get(r, "mia_family", "lira_reason") for r in recs} - {None}
     if reasons:
         parts.append("<p class='note'>LiRA: " + e("; ".join(sorted(reasons))) + "</p>")

@@ -194,6 +194,18 @@ def _ideal_row(columns: list) -> list[str] | None:
     return ["ideal"] + [c[3] or "" for c in columns]
 
 
+def precompute_note(records: Iterable[dict[str, Any]]) -> str:
+    """The sentence saying that DeepClean's time excludes the precomputed training-set Fisher
+    (``--precompute-fisher``) and how long that took; an empty string when no record used one."""
+    once = sorted({round(r["precompute_time_s"], 1) for r in records
+                   if r.get("precompute_time_s")})
+    if not once:
+        return ""
+    return ("DeepClean's time (and Zero Weights') excludes the training-set Fisher I_D, computed "
+            "once per original model (--precompute-fisher): "
+            + ", ".join(f"{t:.1f}" for t in once) + " s.")
+
+
 def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
     """Markdown tables of kind ``table`` (a key of :data:`TABLES`), one per (data set, model,
     scenario); an empty string when no record applies."""
@@ -201,10 +213,6 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
     title, columns, note, groups = _groups(records, table)
     parts = []
     for (dataset, model, scenario), rows in groups.items():
-        once = sorted({round(r["precompute_time_s"], 1) for r in records
-                       if r.get("precompute_time_s") and (r.get("dataset"), r.get("model"),
-                                                          r.get("scenario")) ==
-                       (dataset, model, scenario)})
         seeds = sorted({s for row in rows for s in row["seeds"]})
         header = ["Method"] + [c[0] for c in columns]
         lines = [
@@ -220,12 +228,10 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
             cells = [row["method"]] + [_cell(row[c[0]], c[2]) for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", note]
+        once = precompute_note(r for r in records if (r.get("dataset"), r.get("model"),
+                                                      r.get("scenario")) == (dataset, model, scenario))
         if once:
-            lines.append(
-                "DeepClean's time (and Zero Weights') excludes the training-set Fisher I_D, "
-                "computed once per original model (--precompute-fisher): "
-                + ", ".join(f"{t:.1f}" for t in once) + " s."
-            )
+            lines.append(once)
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n" if parts else ""
 
@@ -272,10 +278,6 @@ def latex_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str
     title, columns, note, groups = _groups(records, table)
     parts = []
     for (dataset, model, scenario), rows in groups.items():
-        once = sorted({round(r["precompute_time_s"], 1) for r in records
-                       if r.get("precompute_time_s") and (r.get("dataset"), r.get("model"),
-                                                          r.get("scenario")) ==
-                       (dataset, model, scenario)})
         seeds = sorted({s for row in rows for s in row["seeds"]})
         lines = [
             r"\begin{table}[t]",

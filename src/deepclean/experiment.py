@@ -369,6 +369,17 @@ def _precision_determinants(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
+def _gaps(metrics: dict[str, float], gold_metrics: dict[str, float]) -> dict[str, float]:
+    """dAcc_Df, dAcc_Dr, dAcc_test and dMIA: the method's value minus the gold model's, in
+    points (paper section 4)."""
+    return {
+        "d_acc_forget": metrics["acc_forget"] - gold_metrics["acc_forget"],
+        "d_acc_retain": metrics["acc_retain"] - gold_metrics["acc_retain"],
+        "d_acc_test": metrics["acc_test"] - gold_metrics["acc_test"],
+        "d_mia": metrics["mia"] - gold_metrics["mia"],
+    }
+
+
 def _key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -652,12 +663,7 @@ def _run_scenario(
         metrics, extended = evaluated
         rec = base | {"method": method, "metrics": metrics, "precision": cfg.precision,
                       "channels_last": cfg.channels_last} | extended | extra
-        rec["gaps"] = {
-            "d_acc_forget": metrics["acc_forget"] - gold_metrics["acc_forget"],
-            "d_acc_retain": metrics["acc_retain"] - gold_metrics["acc_retain"],
-            "d_acc_test": metrics["acc_test"] - gold_metrics["acc_test"],
-            "d_mia": metrics["mia"] - gold_metrics["mia"],
-        }
+        rec["gaps"] = _gaps(metrics, gold_metrics)
         rec["summary"] = summary_of(metrics, gold_metrics, time_s=rec.get("time_s"),
                                     gold_time_s=gold_meta["train_time_s"])
         name = f"{stem}_{method}_seed{seed}"

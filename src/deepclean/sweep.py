@@ -58,6 +58,7 @@ def sweep_gamma(
     """
     from deepclean.experiment import (
         _evaluator,
+        _gaps,
         _make_context,
         _method_kwargs,
         _original_model,
@@ -136,12 +137,7 @@ def sweep_gamma(
                         "metrics": metrics,
                         "gold_metrics": gold_metrics,
                         "gold_time_s": gold_meta["train_time_s"],
-                        "gaps": {
-                            "d_acc_forget": metrics["acc_forget"] - gold_metrics["acc_forget"],
-                            "d_acc_retain": metrics["acc_retain"] - gold_metrics["acc_retain"],
-                            "d_acc_test": metrics["acc_test"] - gold_metrics["acc_test"],
-                            "d_mia": metrics["mia"] - gold_metrics["mia"],
-                        },
+                        "gaps": _gaps(metrics, gold_metrics),
                         "fisher_time_s": fisher_time,
                         **({"precompute_time_s": train_fisher.time_s} if train_fisher else {}),
                         "selection_time_s": seconds,

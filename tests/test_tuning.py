@@ -131,3 +131,26 @@ def test_hp_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "shape.json").write_text(json.dumps({"format": "deepclean-hp/1", "tuned": [1]}))
     with pytest.raises(CheckpointError, match="scenario -> method"):
         read_hp_file(tmp_path / "shape.json")
+
+
+def test_every_method_declares_a_valid_search_space_within_the_cap():
+    import inspect
+
+    from deepclean.methods.base import available_methods, method_class
+    from deepclean.methods.space import SpaceContext
+
+    tunable = []
+    for name in available_methods():
+        cls = method_class(name)
+        accepted = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+        for scenario in ("random", "class"):
+            context = SpaceContext(max_passes=2, n_forget=100, n_retain=900, scenario=scenario)
+            space = cls.search_space(context)
+            check_space(name, space, accepted)
+            if "epochs" in space:  # the cap on unlearning work holds
+                assert space["epochs"].high <= 2, name
+        if cls.search_space(SpaceContext()):
+            tunable.append(name)
+    for name in ("deepclean", "finetune", "scrub", "neggrad", "sparse_mu", "teacher", "salun",
+                 "random_label", "zero_weights"):
+        assert name in tunable

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from deepclean.data import as_tensors
 from deepclean.errors import ConfigurationError, DataError
+from deepclean.methods.space import Param, SpaceContext
 
 __all__ = [
     "Unlearner",
@@ -112,6 +113,20 @@ class Unlearner(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """The hyperparameters ``deepclean tune`` searches, with their ranges.
+
+        Args:
+            context: the cap on unlearning work (``max_passes`` over D_r: epoch ranges stop
+                there), |D_f|, |D_r| and the scenario (:class:`deepclean.methods.space.SpaceContext`).
+
+        Returns:
+            ``{hyperparameter: range}``; every key is a constructor argument. The default, ``{}``,
+            means nothing to tune: the method runs once at its defaults.
+        """
+        return {}
 
 
 def prepare_inputs(

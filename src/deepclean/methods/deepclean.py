@@ -15,6 +15,7 @@ from deepclean.methods.base import (
     check_positive_int,
     register_method,
 )
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 from deepclean.selection import check_mask, mask_summary, select_weights
 from deepclean.train_fisher import TrainFisher
 from torch.utils.data import TensorDataset
@@ -147,6 +148,15 @@ class DeepClean(Unlearner):
             desc=f"{self.name} fine-tune", progress=self.progress,
         )
 
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """gamma log-uniform (random forgetting: [1.01, 10]; a class or a request: [1.1, 100]),
+        fine-tune epochs up to ``context.max_passes``, Adam learning rate in [1e-4, 1e-2]."""
+        high = 10.0 if context.scenario == "random" else 100.0
+        low = 1.01 if context.scenario == "random" else 1.1
+        return {"gamma": LogUniform(low, high), "epochs": IntRange(1, context.max_passes),
+                "lr": LogUniform(1e-4, 1e-2)}
+
 
 @register_method
 class ZeroWeights(DeepClean):
@@ -172,3 +182,8 @@ class ZeroWeights(DeepClean):
     ) -> None:
         super().__init__(gamma=gamma, epochs=0, fisher_batch_size=fisher_batch_size,
                          train_fisher=train_fisher, seed=seed, device=device, progress=progress)
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """gamma only, over DeepClean's range (no fine-tune)."""
+        return {"gamma": DeepClean.search_space(context)["gamma"]}

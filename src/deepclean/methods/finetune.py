@@ -12,6 +12,7 @@ from deepclean.methods.base import (
     check_positive_int,
     register_method,
 )
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 
 __all__ = ["FineTune"]
 
@@ -52,3 +53,8 @@ class FineTune(Unlearner):
             model, None, xr, yr, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator(), device=device, desc="finetune", progress=self.progress,
         )
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """Learning rate in [1e-5, 1e-2] (log), epochs up to ``context.max_passes``."""
+        return {"lr": LogUniform(1e-5, 1e-2), "epochs": IntRange(1, context.max_passes)}

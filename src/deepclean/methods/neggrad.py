@@ -24,6 +24,7 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
 
 __all__ = ["NegGrad"]
 
@@ -129,3 +130,10 @@ class NegGrad(Unlearner):
         bar.close()
         self.info_.update(steps=steps, last_forget_loss=last_forget_loss)
         return model
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """Learning rate in [1e-6, 1e-3] (log), epochs (passes over D_f) up to
+        ``context.max_passes``, retain weight alpha in [0, 0.99] (0: NegGrad, > 0: NegGrad+)."""
+        return {"lr": LogUniform(1e-6, 1e-3), "epochs": IntRange(1, context.max_passes),
+                "alpha": Uniform(0.0, 0.99)}

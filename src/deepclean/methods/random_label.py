@@ -14,6 +14,7 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 
 __all__ = ["RandomLabel", "random_wrong_labels", "wrong_label_distribution"]
 
@@ -188,3 +189,8 @@ class RandomLabel(Unlearner):
             generator=self.generator(0), device=device, bn_stats=self.bn_stats,
             desc=self.name, progress=self.progress,
         )
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """Learning rate in [1e-5, 1e-2] (log), epochs up to ``context.max_passes``."""
+        return {"lr": LogUniform(1e-5, 1e-2), "epochs": IntRange(1, context.max_passes)}

@@ -14,6 +14,7 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
 from deepclean.methods.random_label import relabelled_union
 from deepclean.selection import mask_summary
 
@@ -146,3 +147,10 @@ class SalUn(Unlearner):
             generator=self.generator(0), device=device, bn_stats=self.bn_stats,
             desc=self.name, progress=self.progress,
         )
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """Learning rate in [1e-5, 1e-2] (log), epochs up to ``context.max_passes``, saliency
+        ratio (share of weights updated) in [0.1, 0.9]."""
+        return {"lr": LogUniform(1e-5, 1e-2), "epochs": IntRange(1, context.max_passes),
+                "saliency_ratio": Uniform(0.1, 0.9)}

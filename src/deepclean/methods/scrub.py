@@ -17,6 +17,7 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
+from deepclean.methods.space import Choice, IntRange, LogUniform, Param, SpaceContext
 from deepclean.methods.losses import distillation_kl, teacher_probabilities
 
 __all__ = ["SCRUB"]
@@ -141,3 +142,11 @@ class SCRUB(Unlearner):
         bar.close()
         self.info_.update(max_epochs=n_max, steps=steps)
         return model
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """Learning rate in [1e-5, 1e-2] (log), epochs up to ``context.max_passes`` (one pass
+        over D_r each), max-steps 1 .. min(epochs cap, 3), forget batch 16 .. 128."""
+        return {"lr": LogUniform(1e-5, 1e-2), "epochs": IntRange(1, context.max_passes),
+                "max_steps": IntRange(1, min(context.max_passes, 3)),
+                "forget_batch_size": Choice((16, 32, 64, 128))}

@@ -17,6 +17,7 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 
 __all__ = ["SparseMU", "l1_strength"]
 
@@ -121,3 +122,10 @@ class SparseMU(Unlearner):
         with torch.no_grad():
             self.info_.update(steps=step, l1_norm=float(sum(p.abs().sum() for p in params)))
         return model
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """l1 strength gamma in [1e-5, 1e-2] (log), SGD learning rate in [1e-4, 1e-1] (log),
+        epochs up to ``context.max_passes``."""
+        return {"gamma": LogUniform(1e-5, 1e-2), "lr": LogUniform(1e-4, 1e-1),
+                "epochs": IntRange(1, context.max_passes)}

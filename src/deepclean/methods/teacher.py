@@ -19,6 +19,7 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
 from deepclean.methods.losses import distillation_kl, teacher_probabilities
 from deepclean.methods.retrain import reinitialise
 
@@ -163,3 +164,10 @@ class BadTeacher(Unlearner):
                 bar.update(1)
         bar.close()
         return model
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """Learning rate in [1e-5, 1e-2] (log), retain fraction in [0.1, 1], epochs up to
+        ``context.max_passes`` (each reads ``retain_fraction`` of D_r)."""
+        return {"lr": LogUniform(1e-5, 1e-2), "retain_fraction": Uniform(0.1, 1.0),
+                "epochs": IntRange(1, context.max_passes)}

@@ -4,6 +4,8 @@
     deepclean methods             list the unlearning methods with their references
     deepclean sweep-gamma [opts]  DeepClean over a grid of gamma, Fisher diagonals computed once
     deepclean report RESULTS_DIR  rebuild the tables, figures and HTML report from the JSON files
+    deepclean tune [options]      tune every method with the same budget on a seed and a test
+                                  half that are never reported; writes a --hp-file for 'run'
 """
 
 from __future__ import annotations
@@ -120,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
         "and DeepClean against the gold model.",
     )
     _add_experiment_arguments(run)
+    _add_tuned_arguments(run)
+
+    tune = sub.add_parser(
+        "tune",
+        help="tune every method with the same number of trials; writes <out>/hyperparameters.json",
+        description="Give every method the same number of trials over the search space it "
+        "declares, on a tuning seed (its own split, original and gold model) and the validation "
+        "half of the test set, minimising Avg. Gap to gold. Writes <out>/hyperparameters.json "
+        "for 'deepclean run --hp-file', <out>/tuning/*.json (every trial) and <out>/tuning.md.",
+    )
+    _add_experiment_arguments(tune)
+    tune.add_argument("--trials", type=int, default=12,
+                      help="trials per method and scenario, the same for all (default 12)")
+    tune.add_argument("--tune-seed", type=int, default=100,
+                      help="seed of the tuning split and models; never a reported seed "
+                      "(default 100)")
+    tune.add_argument("--max-passes", type=int, default=3,
+                      help="cap on unlearning work in passes over D_r (default 3)")
 
     sweep = sub.add_parser(
         "sweep-gamma",
@@ -129,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "<out>/sweep/*.json, the figures and the HTML report.",
     )
     _add_experiment_arguments(sweep)
+    _add_tuned_arguments(sweep)
     sweep.add_argument("--gammas", type=_float_list,
                        help="comma list of thresholds (default 1,1.1,1.2,1.5,1.7,2,2.2,2.5,2.7,3)")
     sweep.add_argument("--paper-metrics-only", action="store_true",
@@ -194,6 +215,15 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
                      help="deterministic torch kernels (reproducible results on CUDA)")
 
 
+def _add_tuned_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--hp-file",
+                     help="hyperparameters chosen by 'deepclean tune' (its hyperparameters.json); "
+                     "--hp values still win. Implies --test-half report")
+    run.add_argument("--test-half", choices=["all", "report"],
+                     help="evaluate on the whole test set (default) or on the half that tuning "
+                     "never sees ('report')")
+
+
 def _config_from_args(args: argparse.Namespace):
     from deepclean.experiment import ExperimentConfig, preset
     from deepclean.methods import available_methods
@@ -248,6 +278,13 @@ def _config_from_args(args: argparse.Namespace):
         hps.setdefault(method, {})[name] = value
     if hps:
         fields["hyperparameters"] = hps
+    if getattr(args, "hp_file", None):
+        from deepclean.tuning import read_hp_file
+
+        fields["tuned_hyperparameters"], fields["tuning_protocol"] = read_hp_file(args.hp_file)
+        fields["test_half"] = "report"
+    if getattr(args, "test_half", None):
+        fields["test_half"] = args.test_half
     config = ExperimentConfig(**fields)
     if args.epochs is not None or args.lr is not None:
         changes = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
@@ -303,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         config = _config_from_args(args)
+        if args.command == "tune":
+            from deepclean.tune_experiment import run_tuning
+
+            run_tuning(config, tune_seed=args.tune_seed, n_trials=args.trials,
+                       max_passes=args.max_passes)
+            return 0
         if args.command == "sweep-gamma":
             from deepclean.sweep import DEFAULT_GAMMAS, sweep_gamma
 

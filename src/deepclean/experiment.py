@@ -73,6 +73,8 @@ __all__ = [
 ]
 
 PRESETS = ("default", "paper")
+#: Seed of the validation/report split of the test set (:func:`deepclean.tuning.test_halves`).
+TEST_HALVES_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,16 @@ class ExperimentConfig:
         gamma_random / gamma_class: DeepClean's threshold per scenario (paper: 1.1 and 2.0).
         unlearn_epochs: fine-tune epochs of DeepClean and Fine-tune.
         unlearn_lr: their Adam learning rate.
-        hyperparameters: per-method overrides ``{method: {name: value}}``.
+        hyperparameters: per-method overrides ``{method: {name: value}}`` (``--hp``); they win
+            over tuned values.
+        tuned_hyperparameters: values chosen by ``deepclean tune``, ``{scenario: {method: {name:
+            value}}}`` (``--hp-file``, :func:`deepclean.tuning.read_hp_file`); every result
+            records ``hp_source`` ("defaults", "tuned", "user" or "tuned+user").
+        tuning_protocol: the protocol record of the hyperparameter file (its tuning seed, which
+            must not be a reported seed).
+        test_half: ``"all"`` (default) evaluates on the whole test set; ``"report"`` on the half
+            that tuning never sees (:func:`deepclean.tuning.test_halves`). Required with tuned
+            hyperparameters.
         out_dir: where results, tables, manifests and checkpoints go.
         cache_dir: where trained original and gold models are cached.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
@@ -141,6 +152,9 @@ class ExperimentConfig:
     unlearn_epochs: int = 3
     unlearn_lr: float = 1e-3
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tuned_hyperparameters: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    tuning_protocol: dict[str, Any] = field(default_factory=dict)
+    test_half: str = "all"
     out_dir: str = "runs/default"
     cache_dir: str | None = None
     device: str = "auto"
@@ -179,6 +193,7 @@ class ExperimentConfig:
             method_class(m)  # raises with the list of valid names
         for m in self.hyperparameters:
             method_class(m)
+        _validate_tuned(self)
         _validate_more(self)
         if isinstance(self.unlearn_epochs, bool) or not isinstance(self.unlearn_epochs, int) \
                 or self.unlearn_epochs < 0:
@@ -226,6 +241,46 @@ class ExperimentConfig:
         d = asdict(self)
         d["train"] = self.train.to_dict()
         return d
+
+
+def _validate_tuned(cfg: ExperimentConfig) -> None:
+    """Checks of ``test_half`` and of the tuned hyperparameters (``--hp-file``)."""
+    if cfg.test_half not in ("all", "report"):
+        raise ConfigurationError(
+            f"test_half must be 'all' or 'report', got {cfg.test_half!r} (command line: "
+            "--test-half)"
+        )
+    if not cfg.tuned_hyperparameters:
+        return
+    if cfg.test_half != "report":
+        raise ConfigurationError(
+            "tuned hyperparameters were chosen on the validation half of the test set, so "
+            "results must be reported on the other half: set test_half='report' "
+            "(--hp-file does so)"
+        )
+    for scenario, methods in cfg.tuned_hyperparameters.items():
+        if scenario not in SCENARIOS:
+            raise ConfigurationError(
+                f"the hyperparameter file names scenario {scenario!r}; expected one of "
+                f"{list(SCENARIOS)}"
+            )
+        for m in methods:
+            method_class(m)
+    tune_seed = cfg.tuning_protocol.get("tune_seed")
+    if tune_seed is not None and tune_seed in cfg.seeds:
+        raise ConfigurationError(
+            f"seed {tune_seed} is the seed the hyperparameters were tuned on; report other seeds "
+            f"(--seeds), got {list(cfg.seeds)}"
+        )
+
+
+def hp_source(cfg: ExperimentConfig, name: str, scenario: str) -> str:
+    """Where a method's hyperparameters came from: "defaults", "tuned" (``--hp-file``), "user"
+    (``--hp``) or "tuned+user"."""
+    tuned = bool(cfg.tuned_hyperparameters.get(scenario, {}).get(name))
+    user = bool(cfg.hyperparameters.get(name))
+    return {(False, False): "defaults", (True, False): "tuned", (False, True): "user",
+            (True, True): "tuned+user"}[(tuned, user)]
 
 
 def _validate_more(cfg: ExperimentConfig) -> None:
@@ -514,6 +569,7 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
                 width=cfg.width, seed=s), cfg.channels_last),
         )
     kwargs = {k: v for k, v in wanted.items() if k in accepted}
+    kwargs.update(cfg.tuned_hyperparameters.get(scenario, {}).get(name, {}))
     kwargs.update(cfg.hyperparameters.get(name, {}))
     return kwargs
 
@@ -711,6 +767,7 @@ def _run_scenario(
             "time_s": seconds,
             **({"precompute_time_s": train_fisher.time_s} if uses_tf else {}),
             "hyperparameters": method.hyperparameters(),
+            "hp_source": hp_source(cfg, name, scenario),
             "resume_key": resume_key,
             **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
         }, audit={"method": method, "started_at": started_at, "finished_at": finished_at,
@@ -730,6 +787,11 @@ def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Cont
     device = resolve_device(config.device)
     check_precision(config.precision, device)
     data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+    if config.test_half == "report":
+        from deepclean.tuning import test_halves
+
+        _, report = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
+        data = replace(data, test_x=data.test_x[report], test_y=data.test_y[report])
     out_dir = Path(config.out_dir)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

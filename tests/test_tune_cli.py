@@ -1,0 +1,97 @@
+"""``deepclean tune`` and ``deepclean run --hp-file`` end to end on scikit-learn's digits."""
+
+import json
+
+import pytest
+
+from deepclean.cli import main
+from deepclean.data import load_dataset
+from deepclean.methods import method_class
+from deepclean.methods.space import SpaceContext
+from deepclean.tuning import test_halves
+
+COMMON = ["--dataset", "digits", "--train-size", "all", "--model", "small_cnn", "--epochs", "2",
+          "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    argv = ["tune", *COMMON, "--methods", "finetune,deepclean,retrain", "--trials", "2",
+            "--out", str(root / "tune"), "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    return root
+
+
+def test_tune_writes_one_search_per_method_with_the_same_budget(tuned):
+    hp = json.loads((tuned / "tune" / "hyperparameters.json").read_text())
+    assert hp["format"] == "deepclean-hp/1"
+    assert hp["protocol"]["tune_seed"] == 100 and hp["protocol"]["n_trials"] == 2
+    for scenario in ("random", "class"):
+        assert set(hp["tuned"][scenario]) == {"finetune", "deepclean"}  # retrain: nothing to tune
+        for method in ("finetune", "deepclean"):
+            search = json.loads((tuned / "tune" / "tuning" / f"{scenario}_{method}.json")
+                                .read_text())
+            assert len(search["trials"]) == 2  # the same number of trials for every method
+            space = method_class(method).search_space(SpaceContext(scenario=scenario))
+            assert set(hp["tuned"][scenario][method]) == set(space)
+            assert search["best_score"] == min(t["score"] for t in search["trials"])
+            for trial in search["trials"]:
+                assert trial["params"]["epochs"] <= 3  # the cap on unlearning work
+    assert "| deepclean |" in (tuned / "tune" / "tuning.md").read_text()
+
+
+def test_tuning_scores_on_the_validation_half_and_the_run_reports_the_other(tuned):
+    data = load_dataset("digits")
+    val, report = test_halves(int(data.test_x.shape[0]), seed=0)
+    search = json.loads((tuned / "tune" / "tuning" / "class_finetune.json").read_text())
+    gold = search["gold_metrics"]
+    # every accuracy is a multiple of 100 / |validation half|
+    assert abs(gold["acc_test"] * len(val) / 100 - round(gold["acc_test"] * len(val) / 100)) < 1e-6
+    out = tuned / "run"
+    argv = ["run", *COMMON, "--methods", "finetune,deepclean", "--scenarios", "class",
+            "--hp-file", str(tuned / "tune" / "hyperparameters.json"), "--hp", "finetune.lr=0.001",
+            "--out", str(out), "--cache-dir", str(tuned / "cache")]
+    assert main(argv) == 0
+    hp = json.loads((tuned / "tune" / "hyperparameters.json").read_text())["tuned"]["class"]
+    rec = json.loads((out / "results" / "digits_small_cnn_class_deepclean_seed0.json").read_text())
+    assert rec["hp_source"] == "tuned"
+    for key, value in hp["deepclean"].items():
+        assert rec["hyperparameters"][key] == value
+    ft = json.loads((out / "results" / "digits_small_cnn_class_finetune_seed0.json").read_text())
+    assert ft["hp_source"] == "tuned+user" and ft["hyperparameters"]["lr"] == 0.001
+    assert ft["hyperparameters"]["epochs"] == hp["finetune"]["epochs"]
+    # the reported test accuracy is measured on the report half: recompute it from the checkpoint
+    from deepclean import build_model
+    from deepclean.checkpoint import load_weights
+    from deepclean.metrics import accuracy, predict_proba
+
+    model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.125)
+    load_weights(model, out / "checkpoints" / "digits_small_cnn_class_deepclean_seed0.safetensors")
+    acc = accuracy(predict_proba(model, data.test_x[report]), data.test_y[report])
+    assert rec["metrics"]["acc_test"] == pytest.approx(acc, abs=1e-9)
+    assert json.loads((out / "config.json").read_text())["test_half"] == "report"
+
+
+def test_tune_and_hp_file_refusals(tuned, tmp_path, capsys):
+    hp_file = str(tuned / "tune" / "hyperparameters.json")
+    cases = [
+        (["run", *COMMON, "--hp-file", hp_file, "--seeds", "100"], "tuned on"),
+        (["run", *COMMON, "--hp-file", hp_file, "--test-half", "all"], "other half"),
+        (["run", *COMMON, "--hp-file", str(tmp_path / "missing.json")], "does not exist"),
+        (["tune", *COMMON, "--tune-seed", "0", "--seeds", "0"], "also a reported seed"),
+        (["tune", *COMMON, "--trials", "0"], "n_trials"),
+        (["tune", *COMMON, "--max-passes", "0"], "max_passes"),
+    ]
+    for argv, message in cases:
+        argv = argv + ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()  # refused before any training
+
+
+def test_model_cache_is_shared_with_the_run(tuned):
+    # the tuning seed trained its own original and gold models (two scenarios), the reported
+    # seed 0 its own (class scenario only): one cache, separate entries
+    names = sorted(p.name.split("-")[0] for p in (tuned / "cache").glob("*.safetensors"))
+    assert names.count("original") == 2 and names.count("gold") == 3

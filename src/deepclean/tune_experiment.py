@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,8 +30,8 @@ from torch.utils.data import TensorDataset
 
 from deepclean import experiment as ex
 from deepclean.checkpoint import atomic_write_text
-from deepclean.experiment import TEST_HALVES_SEED
 from deepclean.errors import ConfigurationError
+from deepclean.experiment import TEST_HALVES_SEED
 from deepclean.methods import make_method, method_class
 from deepclean.methods.space import SpaceContext
 from deepclean.summaries import avg_gap
@@ -119,8 +119,8 @@ def run_tuning(
                                             model_name=model_name, subset=subset,
                                             x_train=x_train, y_train=y_train)
 
-        def metrics_of(model: torch.nn.Module) -> dict[str, float]:
-            return ex.evaluate_model(model, x_train=x_train, y_train=y_train, split=split,  # noqa: B023
+        def metrics_of(model: torch.nn.Module, split=split) -> dict[str, float]:
+            return ex.evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
                                      x_test=x_val, y_test=y_val, device=ctx.device,
                                      precision=cfg.precision)
 
@@ -135,16 +135,12 @@ def run_tuning(
             if not space:
                 log(f"  {scenario} / {name}: declares nothing to tune; runs at its defaults")
                 continue
-            base_kwargs = ex._method_kwargs(cfg, name, scenario, tune_seed, ctx.device,
-                                            model_name, ctx.data)
-
-            def objective(params: dict[str, Any]) -> tuple[float, dict[str, float]]:
-                method = make_method(name, **(base_kwargs | params))  # noqa: B023
-                unlearned = method.unlearn(original, forget, retain)  # noqa: B023
-                _check_finite(unlearned, name)  # noqa: B023
-                metrics = metrics_of(unlearned)
-                return validation_score(metrics, gold_metrics), metrics
-
+            objective = partial(
+                _objective, name=name, original=original, forget=forget, retain=retain,
+                metrics_of=metrics_of, gold_metrics=gold_metrics,
+                base_kwargs=ex._method_kwargs(cfg, name, scenario, tune_seed, ctx.device,
+                                              model_name, ctx.data),
+            )
             log(f"  {scenario} / {name}: {n_trials} trials over {sorted(space)}")
             result = tune(objective, space, n_trials=n_trials, seed=tune_seed)
             _log_result(log, scenario, name, result)
@@ -171,6 +167,20 @@ def run_tuning(
     log(table)
     log(f"tuned values written to {path}; use them with: deepclean run --hp-file {path}")
     return {"tuned": tuned, "searches": searches, "path": str(path)}
+
+
+def _objective(params: dict[str, Any], *, name: str, original: torch.nn.Module,
+               forget: TensorDataset, retain: TensorDataset,
+               metrics_of: Callable[[torch.nn.Module], dict[str, float]],
+               gold_metrics: dict[str, float], base_kwargs: dict[str, Any]
+               ) -> tuple[float, dict[str, float]]:
+    """One trial: unlearn with ``params`` on top of the harness's arguments, score on the
+    validation half. Non-finite weights raise ``FloatingPointError`` (the trial fails)."""
+    method = make_method(name, **(base_kwargs | params))
+    unlearned = method.unlearn(original, forget, retain)
+    _check_finite(unlearned, name)
+    metrics = metrics_of(unlearned)
+    return validation_score(metrics, gold_metrics), metrics
 
 
 def _log_result(log: Callable[[str], None], scenario: str, name: str, result: TuneResult) -> None:

@@ -555,8 +555,9 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
         "seed": seed,
         "device": device,
         "progress": cfg.progress,
-        "gamma": gamma,
     }
+    if name in ("deepclean", "zero_weights"):  # the scenario's threshold is DeepClean's only
+        wanted["gamma"] = gamma
     if name in ("deepclean", "finetune"):
         wanted.update(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr)
     if train_fisher is not None:

@@ -117,6 +117,10 @@ class Recorder:
         Recorder.log.append(("predict", np.array(x), None))
         return self.real.predict(x)
 
+    def predict_proba(self, x):
+        Recorder.log.append(("predict", np.array(x), None))
+        return self.real.predict_proba(x)
+
 
 def _patch(monkeypatch, module, name):
     real = getattr(module, name)

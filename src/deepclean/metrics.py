@@ -83,14 +83,23 @@ def membership_attack(
 ) -> float:
     """Share (%) of ``target`` samples a balanced logistic regression calls "member".
 
-    The attack is fitted on ``member`` (label 1) against ``non_member`` (label 0) feature values,
-    shape ``(N,)`` or ``(N, d)``, with ``class_weight="balanced"`` so that unequal set sizes do not
-    bias it; it is then applied to ``target`` only (never scored on what it was fitted on).
+    The attack standardises the features (``StandardScaler``: zero mean, unit variance on the
+    fitting sets) and fits a logistic regression with ``class_weight="balanced"`` on ``member``
+    (label 1) against ``non_member`` (label 0) feature values, shape ``(N,)`` or ``(N, d)``; it is
+    then applied to ``target`` only (never scored on what it was fitted on).
+
+    Standardising makes the result independent of the feature's scale: without it the L2
+    penalty of the regression swamps features of size 1e-4 (entropies of a model that outputs
+    nearly uniform probabilities), and perfectly separable members were called non-members.
+    A target on the decision boundary (predicted probability exactly 0.5, as when members and
+    non-members are identical) counts as half a member, so an attack that learnt nothing scores
+    50 %, not 0 % or 100 %.
 
     Raises:
         DataError: an empty set, or features with NaN or infinity.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
     def as2d(a) -> np.ndarray:
         a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
@@ -102,9 +111,14 @@ def membership_attack(
             raise DataError(f"the MIA's {label} set is empty; expected at least one sample")
         if not np.isfinite(a).all():
             raise DataError(f"the MIA's {label} features hold NaN or infinity")
+    fit_x = np.concatenate([m, n])
+    scaler = StandardScaler().fit(fit_x)
     clf = LogisticRegression(class_weight="balanced")
-    clf.fit(np.concatenate([m, n]), np.concatenate([np.ones(len(m)), np.zeros(len(n))]))
-    return float(clf.predict(t).mean() * 100.0)
+    clf.fit(scaler.transform(fit_x), np.concatenate([np.ones(len(m)), np.zeros(len(n))]))
+    p_member = clf.predict_proba(scaler.transform(t))[:, 1]  # classes_ are [0, 1]
+    called = np.where(np.isclose(p_member, 0.5, rtol=0.0, atol=1e-12), 0.5,
+                      (p_member > 0.5).astype(np.float64))
+    return float(called.mean() * 100.0)
 
 
 def entropy_mia(

@@ -133,7 +133,8 @@ def mia_efficacy(
 ) -> float:
     """(b) MIA-efficacy (Jia et al. 2023; SalUn): % of D_f an RBF SVC calls *non-member*.
 
-    The SVC (``sklearn.svm.SVC(kernel="rbf")``, defaults otherwise) is fitted on the true-label
+    The SVC is the authors' (``sklearn.svm.SVC(C=3, gamma="auto", kernel="rbf")``, as in
+    ``evaluation/SVC_MIA.py`` of OPTML-Group/Unlearn-Sparse), fitted on the true-label
     confidence of ``n`` random D_r samples (member, 1) and ``n`` random test samples (non-member,
     0), ``n = min(|D_r|, |test|)`` (and at most ``max_per_class``), drawn without replacement by
     ``numpy.random.default_rng(seed)``. It is then applied to D_f only.
@@ -153,7 +154,7 @@ def mia_efficacy(
     rng = np.random.default_rng(seed)
     r_fit = r[rng.choice(len(r), size=n, replace=False)]
     t_fit = t[rng.choice(len(t), size=n, replace=False)]
-    clf = SVC(kernel="rbf")
+    clf = SVC(C=3, gamma="auto", kernel="rbf")
     clf.fit(np.concatenate([r_fit, t_fit]), np.concatenate([np.ones(n), np.zeros(n)]))
     return float((clf.predict(f) == 0).mean() * 100.0)
 

@@ -24,10 +24,12 @@ from deepclean.data import as_tensors
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.fisher import eval_mode, fisher_diagonal
 from deepclean.methods.base import Unlearner, check_positive, register_method
+from deepclean.methods.space import Choice, LogUniform, Param, SpaceContext
 
 __all__ = ["FisherForgetting", "true_fisher_diagonal", "true_fisher_diagonal_reference"]
 
-FORMS = ("paper", "code")
+FORMS = ("authors", "paper", "code")
+CLASS_ROW = ("auto", "never")
 
 
 class _ClassWeightedLogits(nn.Module):
@@ -152,31 +154,45 @@ class FisherForgetting(Unlearner):
     covariance proportional to ``B^{-1/2}``, B the Hessian of the D_r loss, approximated by the true
     Fisher F of D_r (diagonal, :func:`true_fisher_diagonal`); the Newton term ``-B^{-1} grad`` is
     dropped, as in the paper's deep-network experiments and every public implementation.
-    Per weight::
 
-        form="paper":  w <- w + sqrt(alpha * min((F + eps)^(-1/2), clamp)) * n
-                          = w + sqrt(alpha) * F^(-1/4) * n      (unclamped)
-        form="code":   w <- w + sqrt(alpha * min(1 / (F + eps), clamp)) * n
-                          (the variance used by the authors' public notebook and its copies)
+    ``form="authors"`` (default) is what the authors' public code runs (their ``Forgetting``
+    notebook, ``get_mean_var``, copied into later benchmarks such as the SSD repository's
+    ``forget_*_strategies.py``), with their ``alpha = 1e-6``. Per parameter tensor:
 
-    with ``n ~ N(0, 1)`` drawn from the method's seed. ``clamp`` bounds the noise of weights with
-    (near-)zero Fisher; the public code clamps ``1/F`` at 1e3. Not reproduced from that code: its
-    per-row averaging of the variance, its x10 factor for the last layer and for 1-D parameters, and
-    its zeroing of the forgotten class's output row (which needs to know the scenario). BatchNorm
-    running statistics are left as they are.
+    1. ``var = alpha * min(1 / (F + 1e-8), 1e3)``; for the output layer the bound is ``1e2``;
+    2. for a tensor with more than one dimension, ``var`` is replaced by its mean over dimension 1
+       (one variance per output unit, e.g. per row of a Linear weight or per output channel);
+    3. ``var`` is multiplied by 10 for the output layer's tensors and for every other 1-D tensor
+       (BatchNorm weights and biases);
+    4. class forgetting (``class_row``, see below): the forgotten class's output row is set to 0
+       and gets variance 1e-4 (before step 3's x10, as in their code);
+    5. ``w <- w + sqrt(var) * n`` with ``n ~ N(0, 1)`` from the method's seed.
+
+    ``form="paper"`` follows the paper's text instead: covariance ``alpha * min((F + eps)^(-1/2),
+    clamp)`` per weight, no averaging or factors. Its noise is much smaller at the same alpha
+    (about ``F^(1/4)`` times the authors' standard deviation): pair it with its own alpha.
+
+    Deviation from the authors' code: they find the output layer as every tensor whose first
+    dimension equals the number of classes K, which also catches any other layer with K output
+    channels; here it is the parameters of the last ``nn.Linear`` with K outputs (falling back to
+    their rule when there is none). BatchNorm running statistics are left as they are.
 
     Hyperparameters:
-        alpha: noise scale (the paper's ``sqrt(lambda * sigma_h^2)``). Default 1e-6 (public code).
-        form: ``"paper"`` (covariance ~ F^-1/2, default) or ``"code"`` (covariance ~ F^-1).
-        clamp: upper bound of ``F^-1/2`` (paper form) or ``1/F`` (code form). Default 1e3.
+        alpha: noise scale. Default 1e-6 (authors' code).
+        form: ``"authors"`` (default), ``"paper"`` or ``"code"`` (the authors' variance
+            ``alpha / F`` per weight, without steps 2-4).
+        clamp: upper bound of ``1/F`` (authors, code) or ``F^-1/2`` (paper). Default 1e3.
         eps: added to F before inverting. Default 1e-8.
+        class_row: ``"auto"`` (default): when D_f holds exactly the samples of one class (D_r has
+            none of it), apply step 4 for that class, as the authors do for class forgetting;
+            ``"never"``: do not. Only the ``authors`` form uses it.
         fisher_batch_size: batch size of the Fisher passes (does not change the result).
             Default 256.
         seed: seeds the noise.
 
     Timed region: the true Fisher on D_r (K per-sample-gradient passes over D_r for K classes) and
-    the noise. D_f is not used (the method only needs D_r). ``info_`` holds ``noise_std_mean``, the
-    mean noise standard deviation over all weights.
+    the noise. ``info_`` holds ``noise_std_mean`` (mean noise standard deviation over all
+    weights) and ``forgotten_class_row`` (the class whose output row was reset, or -1).
     """
 
     name = "fisher_forgetting"
@@ -190,9 +206,10 @@ class FisherForgetting(Unlearner):
         self,
         *,
         alpha: float = 1e-6,
-        form: str = "paper",
+        form: str = "authors",
         clamp: float = 1e3,
         eps: float = 1e-8,
+        class_row: str = "auto",
         fisher_batch_size: int = 256,
         seed: int = 0,
         device: str | torch.device | None = None,
@@ -202,39 +219,100 @@ class FisherForgetting(Unlearner):
         check_positive(alpha=alpha, clamp=clamp, eps=eps, fisher_batch_size=fisher_batch_size)
         if form not in FORMS:
             raise ConfigurationError(
-                f"form must be one of {FORMS}, got {form!r}; use 'paper' for covariance "
-                "alpha*F^-1/2 or 'code' for alpha/F"
+                f"form must be one of {FORMS}, got {form!r}; 'authors' runs the authors' code, "
+                "'paper' uses covariance alpha*F^-1/2, 'code' alpha/F per weight"
             )
+        if class_row not in CLASS_ROW:
+            raise ConfigurationError(f"class_row must be one of {CLASS_ROW}, got {class_row!r}")
         if not isinstance(fisher_batch_size, int):
             raise ConfigurationError(f"fisher_batch_size must be an int, got {fisher_batch_size!r}")
         self.alpha = alpha
         self.form = form
         self.clamp = clamp
         self.eps = eps
+        self.class_row = class_row
         self.fisher_batch_size = fisher_batch_size
 
     def noise_std(self, fisher: torch.Tensor) -> torch.Tensor:
-        """Per-weight noise standard deviation from a Fisher diagonal."""
+        """Per-weight noise standard deviation from a Fisher diagonal (forms ``paper`` and
+        ``code``; the ``authors`` form is :meth:`authors_variance`)."""
         power = 0.5 if self.form == "paper" else 1.0
         scale = (fisher + self.eps).pow(-power).clamp(max=self.clamp)
         return (self.alpha * scale).sqrt()
+
+    def authors_variance(self, fisher: torch.Tensor, *, output_layer: bool,
+                         forgotten: int | None = None) -> torch.Tensor:
+        """Steps 1-4 of the ``authors`` form for one parameter tensor (same shape as
+        ``fisher``), in the authors' order: the forgotten class's row gets variance 1e-4 before
+        the output layer's x10 (so 1e-3 in the end)."""
+        var = (1.0 / (fisher + self.eps)).clamp(max=min(self.clamp, 1e2) if output_layer
+                                                else self.clamp)
+        var = self.alpha * var
+        if var.ndim > 1:
+            var = var.mean(dim=1, keepdim=True).expand_as(var).clone()
+        if output_layer and forgotten is not None:
+            var[forgotten] = 1e-4
+        if output_layer or var.ndim == 1:
+            var = var * 10.0
+        return var
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
         fisher = true_fisher_diagonal(
             model, TensorDataset(xr, yr), batch_size=self.fisher_batch_size, device=device
         )
+        k = _num_classes(model, xf, device)
+        output = _output_layer_names(model, k)
+        forgotten = _whole_class(yf, yr) if self.class_row == "auto" else None
         gen = self.generator()
         total, count = 0.0, 0
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name not in fisher:
                     continue
-                std = self.noise_std(fisher[name].to(torch.float64))
+                f = fisher[name].to(torch.float64)
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                p.add_((std * noise).to(device=p.device, dtype=p.dtype))
+                if self.form == "authors":
+                    last = name in output
+                    var = self.authors_variance(f, output_layer=last, forgotten=forgotten)
+                    mean = p.detach().to(torch.float64).cpu().clone()
+                    if last and forgotten is not None:
+                        mean[forgotten] = 0.0
+                    std = var.sqrt()
+                    p.copy_((mean + std * noise).to(device=p.device, dtype=p.dtype))
+                else:
+                    std = self.noise_std(f)
+                    p.add_((std * noise).to(device=p.device, dtype=p.dtype))
                 total += float(std.sum())
                 count += std.numel()
-        self.info_.update(noise_std_mean=total / max(count, 1))
+        self.info_.update(noise_std_mean=total / max(count, 1),
+                          forgotten_class_row=-1 if forgotten is None else int(forgotten))
         if not math.isfinite(self.info_["noise_std_mean"]):
             raise DataError("the Fisher noise is not finite; check the model's outputs for NaN")
         return model
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """alpha log-uniform over [1e-9, 1e-4] (the authors' 1e-6 in the middle) and the form."""
+        return {"alpha": LogUniform(1e-9, 1e-4), "form": Choice(("authors", "paper"))}
+
+
+def _output_layer_names(model: nn.Module, k: int) -> set[str]:
+    """Names of the output layer's parameters: those of the last ``nn.Linear`` with ``k``
+    outputs; without one, the authors' rule (every tensor whose first dimension is ``k``)."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == k:
+            last = name
+    if last is not None:
+        prefix = f"{last}." if last else ""
+        return {f"{prefix}{n}" for n, _ in model.get_submodule(last).named_parameters()}
+    return {n for n, p in model.named_parameters() if p.ndim >= 1 and p.shape[0] == k}
+
+
+def _whole_class(y_forget: torch.Tensor, y_retain: torch.Tensor) -> int | None:
+    """The class c when D_f is all of class c and D_r holds none of it, else None."""
+    classes = torch.unique(y_forget)
+    if classes.numel() != 1:
+        return None
+    c = int(classes[0])
+    return None if bool((y_retain == c).any()) else c

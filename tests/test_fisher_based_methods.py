@@ -125,7 +125,7 @@ def test_ssd_dampening_rule():
 @pytest.mark.parametrize("reference_set", ["full", "retain"])
 def test_ssd_applies_factors_from_fisher(bn_model, data, reference_set):
     forget, retain = data
-    method = make_method("ssd", alpha=1.5, reference_set=reference_set)
+    method = make_method("ssd", alpha=1.5, reference_set=reference_set, importance="per_sample")
     out = method.unlearn(bn_model, forget, retain)
     imp_f = fisher_diagonal(bn_model, forget)
     imp_r = fisher_diagonal(bn_model, retain)

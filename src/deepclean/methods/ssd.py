@@ -4,15 +4,23 @@ Retraining through Selective Synaptic Dampening", AAAI 2024)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from deepclean.errors import ConfigurationError
-from deepclean.fisher import fisher_diagonal
-from deepclean.methods.base import Unlearner, check_positive, register_method
+from deepclean.fisher import eval_mode, fisher_diagonal
+from deepclean.methods.base import (
+    Unlearner,
+    check_positive,
+    check_positive_int,
+    register_method,
+)
+from deepclean.methods.space import LogUniform, Param, SpaceContext
 
-__all__ = ["SSD", "dampening_factors"]
+__all__ = ["SSD", "batch_mean_importance", "dampening_factors"]
 
 REFERENCE_SETS = ("full", "retain")
+IMPORTANCES = ("batch_mean", "per_sample")
 
 
 def dampening_factors(
@@ -35,33 +43,73 @@ def dampening_factors(
     return torch.where(selected, beta, torch.ones_like(beta))
 
 
+def batch_mean_importance(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The SSD authors' importance: over consecutive mini-batches of ``batch_size`` (the last one
+    may be smaller), the square of the gradient of the *batch-mean* cross-entropy, averaged over
+    the number of batches (their ``ParameterPerturber.calc_importance``). BatchNorm and dropout run
+    in eval mode. Unlike the per-sample Fisher it depends on the batch size.
+
+    Returns:
+        ``{parameter name: tensor of the parameter's shape}`` (float32 on ``device``).
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    totals = {n: torch.zeros_like(p) for n, p in params.items()}
+    n_batches = 0
+    with eval_mode(model), torch.enable_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start:start + batch_size].to(device)
+            yb = y[start:start + batch_size].to(device)
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (n, _), g in zip(params.items(), grads, strict=True):
+                if g is not None:
+                    totals[n] += g.detach().square()
+            n_batches += 1
+    return {n: t / max(n_batches, 1) for n, t in totals.items()}
+
+
 @register_method
 class SSD(Unlearner):
     """Selective Synaptic Dampening (Foster et al., AAAI 2024): shrink the weights that are much
     more important to D_f than to the training data, without any training.
 
-    Importances are diagonals of the empirical Fisher, computed with
-    :func:`deepclean.fisher_diagonal`:
-    the *mean over samples of the per-sample squared gradient* of the log-likelihood at the true
-    label (BatchNorm in eval mode). The authors' code instead squares mini-batch *mean* gradients
-    and averages over batches, which depends on the batch size; the per-sample form is the Fisher
-    the paper's text describes. ``imp_f`` is the importance on D_f; ``imp_d`` is the importance on
-    the whole training set D = D_r U D_f (``reference_set="full"``, the paper's choice, computed
-    exactly as ``(|D_r| I_r + |D_f| I_f) / |D|`` from the two passes) or on D_r only
+    ``imp_f`` is the importance of each weight on D_f; ``imp_d`` on the whole training set
+    D = D_r U D_f (``reference_set="full"``, the paper's choice) or on D_r only
     (``reference_set="retain"``). Every trainable weight with ``imp_f > alpha * imp_d`` is
     multiplied by ``min(lambda * imp_d / imp_f, 1)``; all other weights and every buffer (BatchNorm
     statistics) stay bitwise unchanged.
+
+    Importance (``importance``):
+
+    - ``"batch_mean"`` (default, the authors' code): squared gradients of mini-batch *mean*
+      losses over batches of ``importance_batch_size`` (128, their forget-set loader), averaged
+      over batches (:func:`batch_mean_importance`). This is what their alpha = 10 was chosen for.
+    - ``"per_sample"``: the empirical Fisher diagonal the paper's text describes, the mean over
+      samples of per-sample squared gradients (:func:`deepclean.fisher_diagonal`); with
+      ``reference_set="full"``, ``imp_d = (|D_r| I_r + |D_f| I_f) / |D|`` exactly. Then
+      ``imp_d >= (|D_f| / |D|) imp_f``, so ``imp_f > alpha * imp_d`` is *impossible* once
+      ``alpha >= |D| / |D_f|`` (10 when D_f is 10 % of D): SSD would select nothing. That
+      configuration is refused before any work. The authors used alpha = 10 with D_f of at
+      most 1 % of D.
 
     Hyperparameters:
         alpha: selection threshold. Default 10 (paper, CIFAR).
         lam: dampening constant lambda. Default 1 (paper).
         reference_set: ``"full"`` (default) or ``"retain"``.
-        fisher_batch_size: batch size of the Fisher passes (does not change the result).
-            Default 256.
+        importance: ``"batch_mean"`` (default) or ``"per_sample"``.
+        importance_batch_size: batch size of the batch-mean importance (changes it). Default 128.
+        fisher_batch_size: batch size of the per-sample Fisher passes (does not change the
+            result). Default 256.
         seed: unused (SSD is deterministic); kept for the common interface.
 
-    Timed region: the two Fisher passes (D_f and D_r) and the dampening. ``info_`` holds
-    ``n_dampened`` and ``share_dampened``.
+    Raises (from :meth:`unlearn`, before any work):
+        ConfigurationError: ``importance="per_sample"``, ``reference_set="full"`` and
+            ``alpha >= |D| / |D_f|``; the message gives the bound and the fixes.
+
+    Timed region: the importance passes and the dampening. ``info_`` holds ``n_dampened`` and
+    ``share_dampened``.
     """
 
     name = "ssd"
@@ -77,6 +125,8 @@ class SSD(Unlearner):
         alpha: float = 10.0,
         lam: float = 1.0,
         reference_set: str = "full",
+        importance: str = "batch_mean",
+        importance_batch_size: int = 128,
         fisher_batch_size: int = 256,
         seed: int = 0,
         device: str | torch.device | None = None,
@@ -84,31 +134,69 @@ class SSD(Unlearner):
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
         check_positive(alpha=alpha, lam=lam, fisher_batch_size=fisher_batch_size)
+        check_positive_int(importance_batch_size=importance_batch_size)
         if reference_set not in REFERENCE_SETS:
             raise ConfigurationError(
                 f"reference_set must be one of {REFERENCE_SETS}, got {reference_set!r}"
             )
+        if importance not in IMPORTANCES:
+            raise ConfigurationError(
+                f"importance must be one of {IMPORTANCES}, got {importance!r}; 'batch_mean' is "
+                "the authors' code, 'per_sample' the empirical Fisher"
+            )
         self.alpha = alpha
         self.lam = lam
         self.reference_set = reference_set
+        self.importance = importance
+        self.importance_batch_size = importance_batch_size
         self.fisher_batch_size = fisher_batch_size
 
-    def _unlearn(self, model, xf, yf, xr, yr, device):
+    def check_bound(self, n_forget: int, n_retain: int) -> None:
+        """Refuse a configuration that can select no weight (see the class docstring).
+
+        Raises:
+            ConfigurationError: per-sample importance on the full set with
+                ``alpha >= (n_forget + n_retain) / n_forget``.
+        """
+        bound = (n_forget + n_retain) / n_forget
+        if self.importance == "per_sample" and self.reference_set == "full" and \
+                self.alpha >= bound:
+            raise ConfigurationError(
+                f"SSD with per-sample importance selects nothing when alpha >= |D| / |D_f| = "
+                f"{bound:.3g} (I_D >= |D_f|/|D| I_f), and alpha is {self.alpha}; pass alpha < "
+                f"{bound:.3g}, importance='batch_mean' (the authors' code) or "
+                "reference_set='retain'"
+            )
+
+    def _importances(self, model, xf, yf, xr, yr, device):
+        if self.importance == "batch_mean":
+            imp_f = batch_mean_importance(model, xf, yf, batch_size=self.importance_batch_size,
+                                          device=device)
+            if self.reference_set == "full":  # the authors' loader: D_r then D_f
+                x_d, y_d = torch.cat([xr, xf]), torch.cat([yr, yf])
+            else:
+                x_d, y_d = xr, yr
+            imp_d = batch_mean_importance(model, x_d, y_d, batch_size=self.importance_batch_size,
+                                          device=device)
+            return imp_f, imp_d
         imp_f = fisher_diagonal(model, TensorDataset(xf, yf), batch_size=self.fisher_batch_size,
                                 device=device)
         imp_r = fisher_diagonal(model, TensorDataset(xr, yr), batch_size=self.fisher_batch_size,
                                 device=device)
+        if self.reference_set == "retain":
+            return imp_f, imp_r
         n_f, n_r = xf.shape[0], xr.shape[0]
+        return imp_f, {k: (n_r * imp_r[k] + n_f * imp_f[k]) / (n_r + n_f) for k in imp_f}
+
+    def _unlearn(self, model, xf, yf, xr, yr, device):
+        self.check_bound(xf.shape[0], xr.shape[0])
+        imp_f, imp_d = self._importances(model, xf, yf, xr, yr, device)
         dampened, total = 0, 0
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name not in imp_f:
                     continue
-                if self.reference_set == "full":
-                    imp_d = (n_r * imp_r[name] + n_f * imp_f[name]) / (n_r + n_f)
-                else:
-                    imp_d = imp_r[name]
-                beta = dampening_factors(imp_f[name], imp_d, alpha=self.alpha, lam=self.lam)
+                beta = dampening_factors(imp_f[name], imp_d[name], alpha=self.alpha, lam=self.lam)
                 changed = beta != 1
                 dampened += int(changed.sum())
                 total += beta.numel()
@@ -118,3 +206,9 @@ class SSD(Unlearner):
         self.info_.update(n_dampened=dampened, n_weights=total,
                           share_dampened=dampened / max(total, 1))
         return model
+
+    @classmethod
+    def search_space(cls, context: SpaceContext) -> dict[str, Param]:
+        """alpha log-uniform over [1, 100], lambda log-uniform over [0.1, 10] (batch-mean
+        importance, where alpha has no hard bound)."""
+        return {"alpha": LogUniform(1.0, 100.0), "lam": LogUniform(0.1, 10.0)}

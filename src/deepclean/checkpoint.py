@@ -68,10 +68,20 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: Key prefixes of wrapped models: DataParallel / DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the ``module.`` prefix that DataParallel / DistributedDataParallel add to keys."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+    """Remove the ``module.`` (DataParallel / DistributedDataParallel) and ``_orig_mod.``
+    (``torch.compile``) prefixes that every key carries, nested in any order."""
+    changed = True
+    while state and changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
     return state
 
 

@@ -10,6 +10,7 @@ __all__ = [
     "MaskError",
     "CheckpointError",
     "SplitMismatchError",
+    "BusyError",
 ]
 
 
@@ -42,3 +43,7 @@ class CheckpointError(DeepCleanError, ValueError):
 
 class SplitMismatchError(DeepCleanError, ValueError):
     """A model was trained on a different forget/retain split than the one being evaluated."""
+
+
+class BusyError(DeepCleanError, RuntimeError):
+    """An output folder or cache entry is held by another DeepClean process."""

@@ -12,6 +12,8 @@ SVG.
 from __future__ import annotations
 
 from collections import defaultdict
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,15 @@ def _save(fig, path_stem: Path) -> dict[str, str]:
     out = {}
     for ext in ("png", "svg"):
         path = path_stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
-        tmp.replace(path)
+        # a unique temporary name: two processes saving the same figure never share one
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            fig.savefig(name, format=ext, dpi=120, bbox_inches="tight")
+            os.replace(name, path)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
         out[ext] = str(path)
     _plt().close(fig)
     return out

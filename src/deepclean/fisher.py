@@ -52,6 +52,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.data import Dataset
 
@@ -328,12 +329,24 @@ def _batchnorm_per_sample(
     return out
 
 
+def _own_tensors(module: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """The parameters (``kind="parameters"``) or buffers a module owns, counting those of its
+    parametrizations (``torch.nn.utils.parametrize``: ``parametrizations.weight.original0`` and
+    the like) as its own: they only act through the module's computed ``weight``."""
+    named = getattr(module, f"named_{kind}")
+    out = dict(named(recurse=False))
+    if parametrize.is_parametrized(module):
+        out.update(getattr(module.parametrizations, f"named_{kind}")(prefix="parametrizations"))
+    return out
+
+
 def _generic_per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
-    """Exact per-sample parameter gradients of any per-sample-independent module via torch.func."""
+    """Exact per-sample parameter gradients of any per-sample-independent module via torch.func
+    (for a parametrised layer: with respect to its parametrization's original tensors)."""
     from torch.func import functional_call, vjp, vmap
 
-    params = {k: p.detach() for k, p in module.named_parameters(recurse=False)}
-    buffers = {k: b for k, b in module.named_buffers(recurse=False)}
+    params = {k: p.detach() for k, p in _own_tensors(module, "parameters").items()}
+    buffers = dict(_own_tensors(module, "buffers"))
 
     def one(x1: torch.Tensor, g1: torch.Tensor) -> dict[str, torch.Tensor]:
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -346,10 +359,14 @@ def _generic_per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> 
 
 
 def _has_closed_form(module: nn.Module) -> bool:
+    if parametrize.is_parametrized(module):
+        return False  # its weight is a function of other tensors: the generic exact path
     return isinstance(module, (nn.Conv2d, nn.Linear) + _BATCHNORMS)
 
 
 def _per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
+    if not _has_closed_form(module):
+        return _generic_per_sample(module, x, g)
     if isinstance(module, nn.Conv2d):
         return _conv2d_per_sample(module, x, g)
     if isinstance(module, _BATCHNORMS):
@@ -403,8 +420,12 @@ class _FisherPass:
         self.uses: dict[nn.Parameter, int] = {}
         self.handles = []
         self.recording = False  # only the model's own forward pass is recorded
+        inside = {id(m) for module in model.modules() if parametrize.is_parametrized(module)
+                  for m in module.parametrizations.modules()}
         for module in model.modules():
-            own = {k: p for k, p in module.named_parameters(recurse=False) if p in names}
+            if id(module) in inside:
+                continue  # a parametrization: its tensors belong to the parametrised layer
+            own = {k: p for k, p in _own_tensors(module, "parameters").items() if p in names}
             if own:
                 self.own[module] = own
                 self.handles.append(module.register_forward_hook(self._forward_hook))
@@ -569,13 +590,20 @@ def fisher_diagonal(
             running statistics, or a
             parameterised module that does not take and return a single tensor.
     """
-    from deepclean.validation import check_forward, check_inputs, check_trainable, unwrap_model
+    from deepclean.validation import (
+        check_forward,
+        check_inputs,
+        check_trainable,
+        check_unique,
+        unwrap_model,
+    )
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_trainable(model)
     model = unwrap_model(model)  # keys without "module."; no hooks on DataParallel replicas
     _check_model(model)
+    check_unique(data, "data set")
     x_all, y_all = as_tensors(data)
     check_inputs(x_all, y_all, "data set")
     check_forward(model, x_all, "data set")

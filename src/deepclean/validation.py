@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from deepclean.errors import ConfigurationError, DataError, MaskError, SplitMismatchError
 
@@ -28,6 +28,8 @@ __all__ = [
     "check_index_values",
     "check_disjoint",
     "check_gamma",
+    "check_unique",
+    "sample_ids",
     "check_parameter_keys",
     "check_same_split",
 ]
@@ -35,12 +37,27 @@ __all__ = [
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
+def _compiled_inner(model: nn.Module) -> nn.Module | None:
+    """The module that ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else None.
+    Recognised by class name so that torch._dynamo is never imported here."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel (and nested wrappers); any other
-    model unchanged. Its parameter names carry no ``module.`` prefix."""
-    while isinstance(model, _WRAPPERS):
-        model = model.module
-    return model
+    """The module inside DataParallel / DistributedDataParallel and ``torch.compile`` wrappers
+    (nested in any order); any other model unchanged. Its parameter names carry no ``module.``
+    or ``_orig_mod.`` prefix."""
+    while True:
+        if isinstance(model, _WRAPPERS):
+            model = model.module
+            continue
+        inner = _compiled_inner(model)
+        if inner is None:
+            return model
+        model = inner
 
 
 def check_trainable(model: Any) -> None:
@@ -164,16 +181,49 @@ def check_labels_fit(y: torch.Tensor, num_outputs: int, label: str) -> None:
         )
 
 
-def _root_and_indices(ds: Dataset) -> tuple[Dataset, list[int]] | None:
-    """``(base dataset, indices into it)`` for (nested) ``Subset`` objects, else ``None``."""
-    if not isinstance(ds, Subset):
-        return None
-    indices = [int(i) for i in ds.indices]
-    base = ds.dataset
-    while isinstance(base, Subset):
-        indices = [int(base.indices[i]) for i in indices]
-        base = base.dataset
-    return base, indices
+def sample_ids(ds: Dataset) -> list[tuple[int, int]]:
+    """The identity of every sample of ``ds`` as ``(id(base data set), index into it)``, seen
+    through nested ``Subset`` and ``ConcatDataset`` views; any other data set is its own base.
+
+    Two entries are equal exactly when they read the same sample of the same object: this is
+    what the duplicate and overlap checks compare (never the sample values, so two distinct
+    samples that happen to hold the same image are not duplicates).
+    """
+    if isinstance(ds, Subset):
+        inner = sample_ids(ds.dataset)
+        return [inner[int(i)] for i in ds.indices]
+    if isinstance(ds, ConcatDataset):
+        return [sid for part in ds.datasets for sid in sample_ids(part)]
+    return [(id(ds), i) for i in range(len(ds))]  # type: ignore[arg-type]
+
+
+def check_unique(ds: Dataset, label: str) -> None:
+    """Raise if ``ds`` reads one sample more than once (a ``Subset`` with repeated indices, a
+    ``ConcatDataset`` that repeats a data set or overlapping views).
+
+    A repeated sample would count twice in every mean over the set (the Fisher diagonal, an
+    accuracy), silently; :func:`deepclean.index_split` refuses repeated indices for the same
+    reason.
+
+    Raises:
+        DataError: how many samples repeat, and the positions of the first few.
+    """
+    if not isinstance(ds, (Subset, ConcatDataset)):
+        return  # a plain data set reads each of its samples once
+    seen: dict[tuple[int, int], int] = {}
+    repeats: list[tuple[int, int]] = []
+    for pos, sid in enumerate(sample_ids(ds)):
+        if sid in seen:
+            repeats.append((seen[sid], pos))
+        else:
+            seen[sid] = pos
+    if repeats:
+        first = ", ".join(f"{a} and {b}" for a, b in repeats[:5])
+        raise DataError(
+            f"the {label} holds {len(repeats)} repeated samples (positions {first} read the same "
+            "sample); expected each sample once. Drop the repeats (e.g. Subset(data, "
+            "sorted(set(indices))))."
+        )
 
 
 def check_disjoint(forget: Dataset, retain: Dataset) -> None:
@@ -188,10 +238,11 @@ def check_disjoint(forget: Dataset, retain: Dataset) -> None:
             "D_f and D_r are the same data set object; expected disjoint sets. Build them with "
             "deepclean.make_split (forget / retain indices)."
         )
-    a, b = _root_and_indices(forget), _root_and_indices(retain)
-    if a is None or b is None or a[0] is not b[0]:
-        return
-    shared = sorted(set(a[1]) & set(b[1]))
+    if not isinstance(forget, (Subset, ConcatDataset)) and \
+            not isinstance(retain, (Subset, ConcatDataset)):
+        return  # two distinct plain data sets never share a sample
+    in_retain = set(sample_ids(retain))
+    shared = sorted(sid[1] for sid in sample_ids(forget) if sid in in_retain)
     if shared:
         raise DataError(
             f"D_f and D_r share {len(shared)} samples of the same data set (indices "

@@ -150,6 +150,7 @@ def prepare_inputs(
         check_inputs,
         check_labels_fit,
         check_trainable,
+        check_unique,
         unwrap_model,
     )
 
@@ -167,6 +168,8 @@ def prepare_inputs(
             raise DataError(
                 f"the {label} is empty; unlearning needs at least one sample in D_f and in D_r"
             )
+    check_unique(forget, "forget set D_f")
+    check_unique(retain, "retain set D_r")
     check_disjoint(forget, retain)
     xf, yf = as_tensors(forget)
     xr, yr = as_tensors(retain)

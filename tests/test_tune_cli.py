@@ -95,3 +95,29 @@ def test_model_cache_is_shared_with_the_run(tuned):
     # seed 0 its own (class scenario only): one cache, separate entries
     names = sorted(p.name.split("-")[0] for p in (tuned / "cache").glob("*.safetensors"))
     assert names.count("original") == 2 and names.count("gold") == 3
+
+
+def test_an_interrupted_tune_reuses_finished_searches(tuned, capsys):
+    argv = ["tune", *COMMON, "--methods", "finetune,deepclean,retrain", "--trials", "2",
+            "--out", str(tuned / "tune"), "--cache-dir", str(tuned / "cache")]
+    before = (tuned / "tune" / "tuning" / "random_finetune.json").read_text()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("reused the finished search") == 4  # 2 methods x 2 scenarios
+    assert (tuned / "tune" / "tuning" / "random_finetune.json").read_text() == before
+
+
+def test_several_hp_files_merge_and_conflicts_are_refused(tmp_path):
+    from deepclean.errors import ConfigurationError
+    from deepclean.tuning import read_hp_files, write_hp_file
+
+    a = write_hp_file(tmp_path / "a.json", {"random": {"ssd": {"alpha": 3.0}}}, {"tune_seed": 100})
+    b = write_hp_file(tmp_path / "b.json", {"random": {"scrub": {"lr": 1e-4}}}, {"tune_seed": 100})
+    merged, protocol = read_hp_files([a, b])
+    assert merged == {"random": {"ssd": {"alpha": 3.0}, "scrub": {"lr": 1e-4}}}
+    assert protocol["tune_seed"] == 100
+    with pytest.raises(ConfigurationError, match="in two files"):
+        read_hp_files([a, a])
+    c = write_hp_file(tmp_path / "c.json", {"class": {"ssd": {"alpha": 2.0}}}, {"tune_seed": 7})
+    with pytest.raises(ConfigurationError, match="different seeds|merge files of one tuning seed"):
+        read_hp_files([a, c])

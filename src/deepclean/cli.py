@@ -216,9 +216,10 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _add_tuned_arguments(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--hp-file",
+    run.add_argument("--hp-file", action="append", default=[],
                      help="hyperparameters chosen by 'deepclean tune' (its hyperparameters.json); "
-                     "--hp values still win. Implies --test-half report")
+                     "repeatable, for searches made in several tune runs with the same tuning "
+                     "seed; --hp values still win. Implies --test-half report")
     run.add_argument("--test-half", choices=["all", "report"],
                      help="evaluate on the whole test set (default) or on the half that tuning "
                      "never sees ('report')")
@@ -226,7 +227,7 @@ def _add_tuned_arguments(run: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace):
     from deepclean.experiment import ExperimentConfig, preset
-    from deepclean.methods import available_methods
+    from deepclean.methods import available_methods, method_class
 
     dataset = args.dataset or "fashion-mnist"
     fields: dict[str, Any] = preset(args.preset, dataset)
@@ -266,7 +267,7 @@ def _config_from_args(args: argparse.Namespace):
         fields["precompute_fisher"] = True
     if args.methods is not None:
         if args.methods == ("all",):
-            fields["methods"] = tuple(m for m in available_methods() if m != "retrain")
+            fields["methods"] = tuple(m for m in available_methods() if method_class(m).in_all)
         else:
             fields["methods"] = args.methods
     if args.forget_indices:
@@ -279,9 +280,9 @@ def _config_from_args(args: argparse.Namespace):
     if hps:
         fields["hyperparameters"] = hps
     if getattr(args, "hp_file", None):
-        from deepclean.tuning import read_hp_file
+        from deepclean.tuning import read_hp_files
 
-        fields["tuned_hyperparameters"], fields["tuning_protocol"] = read_hp_file(args.hp_file)
+        fields["tuned_hyperparameters"], fields["tuning_protocol"] = read_hp_files(args.hp_file)
         fields["test_half"] = "report"
     if getattr(args, "test_half", None):
         fields["test_half"] = args.test_half

@@ -205,9 +205,9 @@ class ExperimentConfig:
             raise ConfigurationError(
                 f"precompute_fisher must be True or False, got {self.precompute_fisher!r}"
             )
-        if self.precompute_fisher and not any(m in FISHER_METHODS for m in self.methods):
+        if self.precompute_fisher and not any(m in fisher_methods() for m in self.methods):
             raise ConfigurationError(
-                f"--precompute-fisher only changes {' and '.join(FISHER_METHODS)}, but the methods "
+                f"--precompute-fisher only changes {' and '.join(fisher_methods())}, but the methods "
                 f"run are {list(self.methods)}; add deepclean to --methods or drop the flag"
             )
         for m, hps in self.hyperparameters.items():
@@ -549,26 +549,25 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
                    data: ImageData | None, train_fisher: Any = None) -> dict[str, Any]:
     import inspect
 
-    accepted = inspect.signature(method_class(name).__init__).parameters
-    gamma = cfg.gamma_class if scenario == "class" else cfg.gamma_random
-    wanted: dict[str, Any] = {
-        "seed": seed,
-        "device": device,
-        "progress": cfg.progress,
+    cls = method_class(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    # what the harness can give; each method declares what it takes (Unlearner class attributes)
+    harness_values = {
+        "unlearn_epochs": cfg.unlearn_epochs,
+        "unlearn_lr": cfg.unlearn_lr,
+        "train_recipe": cfg.train,
+        "model_builder": None if data is None else lambda s: to_memory_format(build_model(
+            model_name, in_channels=data.in_channels, num_classes=data.num_classes,
+            width=cfg.width, seed=s), cfg.channels_last),
     }
-    if name in ("deepclean", "zero_weights"):  # the scenario's threshold is DeepClean's only
-        wanted["gamma"] = gamma
-    if name in ("deepclean", "finetune"):
-        wanted.update(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr)
-    if train_fisher is not None:
+    wanted: dict[str, Any] = {"seed": seed, "device": device, "progress": cfg.progress}
+    if cls.scenario_threshold is not None:
+        wanted[cls.scenario_threshold] = cfg.gamma_class if scenario == "class" \
+            else cfg.gamma_random
+    for arg, source in cls.harness_args.items():
+        wanted[arg] = harness_values[source]
+    if train_fisher is not None and cls.accepts_train_fisher:
         wanted["train_fisher"] = train_fisher
-    if name == "retrain":
-        wanted.update(
-            train_config=cfg.train,
-            builder=None if data is None else lambda s: to_memory_format(build_model(
-                model_name, in_channels=data.in_channels, num_classes=data.num_classes,
-                width=cfg.width, seed=s), cfg.channels_last),
-        )
     kwargs = {k: v for k, v in wanted.items() if k in accepted}
     kwargs.update(cfg.tuned_hyperparameters.get(scenario, {}).get(name, {}))
     kwargs.update(cfg.hyperparameters.get(name, {}))
@@ -743,11 +742,12 @@ def _run_scenario(
     forget = TensorDataset(x_train[split.forget], y_train[split.forget])
     retain = TensorDataset(x_train[split.retain], y_train[split.retain])
     for name in cfg.methods:
-        uses_tf = train_fisher is not None and name in FISHER_METHODS
+        uses_tf = train_fisher is not None and method_class(name).accepts_train_fisher
         method = make_method(name, **_method_kwargs(cfg, name, scenario, seed, device,
                                                     model_name, data,
                                                     train_fisher if uses_tf else None))
-        resume_key = _resume_key(base, original_sha, name, method.hyperparameters())
+        resume_key = _resume_key(base, original_sha, name,
+                                 method.hyperparameters() | {"precomputed_fisher": uses_tf})
         done = _reuse_finished(ctx, f"{stem}_{name}_seed{seed}", resume_key)
         if done is not None:
             records.append(done)
@@ -814,8 +814,11 @@ def _original_model(ctx: _Context, *, model_name: str, seed: int, subset: torch.
     )
 
 
-#: Methods that take a precomputed training-set Fisher (``train_fisher``).
-FISHER_METHODS = ("deepclean", "zero_weights")
+def fisher_methods() -> list[str]:
+    """Registered methods that take a precomputed training-set Fisher (``train_fisher``)."""
+    from deepclean.methods import available_methods
+
+    return [m for m in available_methods() if method_class(m).accepts_train_fisher]
 
 
 def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
@@ -826,7 +829,7 @@ def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
     from deepclean.train_fisher import TrainFisher, model_digest, precompute_train_fisher
 
     cfg = ctx.cfg
-    if not cfg.precompute_fisher or not any(m in FISHER_METHODS for m in cfg.methods):
+    if not cfg.precompute_fisher or not any(m in fisher_methods() for m in cfg.methods):
         return None
     path = ctx.cache_dir / f"fisher-{cfg.dataset}-{model_name}-{original_meta['key']}.safetensors"
     digest = model_digest(original)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ IGNORED_CONFIG_FIELDS = frozenset(
 # config.json without one of them was written with its default and is the same configuration.
 NEW_FIELD_DEFAULTS = {"precision": "fp32", "channels_last": False, "precompute_fisher": False}
 _OWN_ENTRIES = ("results", "checkpoints", "splits", "audit", "results.md", "results.csv")
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _jsonable(value: Any) -> Any:
@@ -112,10 +110,10 @@ def check_cache_dir(cache_dir: str | Path) -> None:
 
 
 def method_key(payload: Mapping[str, Any]) -> str:
-    """SHA-256 of a JSON payload; memory addresses in ``repr`` strings (``<function f at 0x..>``)
-    are removed so that equal hyperparameters give equal keys across processes."""
+    """SHA-256 of a JSON payload (method hyperparameters are JSON values only, so equal
+    hyperparameters give equal keys across processes)."""
     text = json.dumps(_jsonable(dict(payload)), sort_keys=True)
-    return hashlib.sha256(_ADDRESS.sub("", text).encode()).hexdigest()
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_finished(

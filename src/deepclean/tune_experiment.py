@@ -15,6 +15,10 @@ For a run configuration (data set, model, scenarios, methods) :func:`run_tuning`
 
 ``deepclean run --hp-file`` then reports on other seeds and on the report half of the test set
 only, so nothing is tuned on what is reported.
+
+An interrupted ``deepclean tune`` started again with the same options and ``--out`` reuses every
+finished search (keyed by the configuration, the search space and the budget) and runs the rest;
+the trained models come from the model cache.
 """
 
 from __future__ import annotations
@@ -23,17 +27,20 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
 
+import deepclean
 from deepclean import experiment as ex
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import ConfigurationError
 from deepclean.experiment import TEST_HALVES_SEED
 from deepclean.methods import make_method, method_class
 from deepclean.methods.space import SpaceContext
+from deepclean.resume import method_key
 from deepclean.summaries import avg_gap
 from deepclean.tuning import TuneResult, test_halves, tune, write_hp_file
 
@@ -141,18 +148,29 @@ def run_tuning(
                 base_kwargs=ex._method_kwargs(cfg, name, scenario, tune_seed, ctx.device,
                                               model_name, ctx.data),
             )
+            space_record = {k: p.to_dict() for k, p in space.items()}
+            key = method_key({"config": cfg.to_dict() | {"out_dir": None, "progress": None},
+                              "scenario": scenario, "method": name, "space": space_record,
+                              "tune_seed": tune_seed, "n_trials": n_trials,
+                              "max_passes": max_passes, "version": deepclean.__version__})
+            path = ctx.out_dir / "tuning" / f"{scenario}_{name}.json"
+            done = _finished_search(path, key)
+            if done is not None:
+                log(f"  {scenario} / {name}: reused the finished search in {path}")
+                searches[scenario][name] = done
+                if done["best"]:
+                    tuned[scenario][name] = {k: done["best"][k] for k in space}
+                continue
             log(f"  {scenario} / {name}: {n_trials} trials over {sorted(space)}")
             result = tune(objective, space, n_trials=n_trials, seed=tune_seed)
             _log_result(log, scenario, name, result)
             if result.best:
                 tuned[scenario][name] = {k: result.best[k] for k in space}
             searches[scenario][name] = result.to_dict() | {
-                "space": {k: p.to_dict() for k, p in space.items()},
-                "gold_metrics": gold_metrics,
+                "space": space_record, "gold_metrics": gold_metrics, "search_key": key,
             }
-            atomic_write_text(ctx.out_dir / "tuning" / f"{scenario}_{name}.json",
-                              json.dumps(searches[scenario][name], indent=2, sort_keys=True)
-                              + "\n")
+            atomic_write_text(path, json.dumps(searches[scenario][name], indent=2,
+                                               sort_keys=True) + "\n")
     protocol = {
         "tune_seed": tune_seed, "n_trials": n_trials, "max_passes": max_passes,
         "objective": "avg_gap over acc_forget, acc_retain, acc_val, mia (validation half)",
@@ -167,6 +185,16 @@ def run_tuning(
     log(table)
     log(f"tuned values written to {path}; use them with: deepclean run --hp-file {path}")
     return {"tuned": tuned, "searches": searches, "path": str(path)}
+
+
+def _finished_search(path: Path, key: str) -> dict[str, Any] | None:
+    """The search recorded in ``path`` when it was made with the same configuration, space and
+    budget (``search_key``), so an interrupted ``deepclean tune`` resumes; else None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("search_key") == key else None
 
 
 def _objective(params: dict[str, Any], *, name: str, original: torch.nn.Module,

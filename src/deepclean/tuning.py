@@ -48,6 +48,7 @@ __all__ = [
     "Uniform",
     "check_space",
     "read_hp_file",
+    "read_hp_files",
     "test_halves",
     "tune",
     "write_hp_file",
@@ -235,3 +236,35 @@ def read_hp_file(path: str | Path) -> tuple[dict[str, dict[str, dict[str, Any]]]
             f"{path}: 'tuned' must map scenario -> method -> {{name: value}}; {fix}"
         )
     return tuned, dict(payload.get("protocol") or {})
+
+
+def read_hp_files(paths: list[str | Path]) -> tuple[dict[str, dict[str, dict[str, Any]]],
+                                                    dict[str, Any]]:
+    """Read and merge several hyperparameter files (searches made in separate ``deepclean tune``
+    runs). The protocol returned is the first file's.
+
+    Raises:
+        CheckpointError: a file cannot be read (see :func:`read_hp_file`).
+        ConfigurationError: two files tune the same method in the same scenario, or were tuned on
+            different seeds.
+    """
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    first: dict[str, Any] | None = None
+    for path in paths:
+        tuned, protocol = read_hp_file(path)
+        if first is None:
+            first = protocol
+        elif protocol.get("tune_seed") != first.get("tune_seed"):
+            raise ConfigurationError(
+                f"{path} was tuned on seed {protocol.get('tune_seed')} and {paths[0]} on seed "
+                f"{first.get('tune_seed')}; merge files of one tuning seed only"
+            )
+        for scenario, methods in tuned.items():
+            for method, values in methods.items():
+                if method in merged.setdefault(scenario, {}):
+                    raise ConfigurationError(
+                        f"{method} is tuned for {scenario} forgetting in two files (the second: "
+                        f"{path}); pass each search once"
+                    )
+                merged[scenario][method] = values
+    return merged, first or {}

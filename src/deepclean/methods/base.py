@@ -46,6 +46,24 @@ class Unlearner(ABC):
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
 
+    # What the method needs from an experiment harness, declared here so that no runner, CLI or
+    # report names methods (``deepclean run`` reads these):
+    #: constructor argument that receives the scenario's threshold (``--gamma-random`` /
+    #: ``--gamma-class``), or None: only DeepClean-like methods take it.
+    scenario_threshold: ClassVar[str | None] = None
+    #: whether the method takes a precomputed training-set Fisher (``train_fisher=``,
+    #: ``--precompute-fisher``).
+    accepts_train_fisher: ClassVar[bool] = False
+    #: whether ``--methods all`` runs it (the gold model's retraining is always run apart).
+    in_all: ClassVar[bool] = True
+    #: constructor argument -> harness value: ``"unlearn_epochs"`` / ``"unlearn_lr"``
+    #: (``--unlearn-epochs`` / ``--unlearn-lr``), ``"train_recipe"`` (the original model's
+    #: training recipe), ``"model_builder"`` (a function ``seed -> fresh model``).
+    harness_args: ClassVar[dict[str, str]] = {}
+    #: constructor arguments that are collaborators (models, functions, precomputed tensors),
+    #: not hyperparameters: never recorded by :meth:`hyperparameters`.
+    collaborators: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, *, seed: int = 0, device: str | torch.device | None = None,
                  progress: bool = False) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -56,13 +74,28 @@ class Unlearner(ABC):
         self.info_: dict[str, Any] = {}
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The constructor's keyword arguments and their current values (JSON-friendly)."""
-        out = {}
+        """The constructor's keyword arguments and their current values, JSON values only.
+
+        Collaborators (:attr:`collaborators`) are left out; a value with a ``to_dict()`` method
+        (a training recipe) is recorded as that dict.
+
+        Raises:
+            ConfigurationError: a hyperparameter holds a value that is not JSON and has no
+                ``to_dict()`` (a method that should declare it a collaborator).
+        """
+        out: dict[str, Any] = {}
         for key in inspect.signature(type(self).__init__).parameters:
-            if key in ("self", "device", "progress"):
+            if key in ("self", "device", "progress") or key in self.collaborators:
                 continue
             value = getattr(self, key)
-            out[key] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+            if hasattr(value, "to_dict"):
+                value = value.to_dict()
+            elif not isinstance(value, (int, float, str, bool, type(None))):
+                raise ConfigurationError(
+                    f"{type(self).__name__}.{key} holds {type(value).__name__}, not a JSON value; "
+                    "declare it in the class's `collaborators`"
+                )
+            out[key] = value
         return out
 
     def unlearn(self, model: nn.Module, forget: Dataset, retain: Dataset) -> nn.Module:

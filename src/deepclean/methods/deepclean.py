@@ -67,6 +67,10 @@ class DeepClean(Unlearner):
     name = "deepclean"
     summary = "Reset weights with Fisher ratio I_f/I_r > gamma, fine-tune only those on D_r"
     reference = "Shi et al., DeepClean, arXiv 2311.10448 (2023)"
+    scenario_threshold = "gamma"
+    accepts_train_fisher = True
+    harness_args = {"epochs": "unlearn_epochs", "lr": "unlearn_lr"}
+    collaborators = ("train_fisher",)
 
     def __init__(
         self,
@@ -169,6 +173,9 @@ class ZeroWeights(DeepClean):
     name = "zero_weights"
     summary = "DeepClean's Fisher-ratio reset of W_f to zero, without the fine-tune (ablation)"
     reference = "Shi et al., DeepClean, arXiv 2311.10448 (2023), Table 4"
+    scenario_threshold = "gamma"
+    accepts_train_fisher = True
+    collaborators = ("train_fisher",)
 
     def __init__(
         self,

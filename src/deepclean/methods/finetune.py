@@ -31,6 +31,7 @@ class FineTune(Unlearner):
     name = "finetune"
     summary = "Fine-tune every weight on D_r with DeepClean's optimiser and learning rate"
     reference = "Shi et al., DeepClean, arXiv 2311.10448 (2023), section 4 baseline"
+    harness_args = {"epochs": "unlearn_epochs", "lr": "unlearn_lr"}  # the same as DeepClean's
 
     def __init__(
         self,

@@ -42,6 +42,9 @@ class Retrain(Unlearner):
     name = "retrain"
     summary = "Gold model: re-initialise every layer and train on D_r with the original recipe"
     reference = "the exact-unlearning reference used by every paper of the field"
+    in_all = False  # the harness trains the gold model itself
+    harness_args = {"train_config": "train_recipe", "builder": "model_builder"}
+    collaborators = ("builder",)
 
     def __init__(
         self,

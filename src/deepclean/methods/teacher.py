@@ -98,6 +98,7 @@ class BadTeacher(Unlearner):
     name = "teacher"
     summary = "Distil D_r from the original model and D_f from a random (incompetent) teacher"
     reference = "Chundawat et al., Can Bad Teaching Induce Forgetting?, AAAI 2023"
+    collaborators = ("incompetent_teacher",)
 
     def __init__(
         self,

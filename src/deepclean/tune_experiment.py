@@ -149,7 +149,8 @@ def run_tuning(
                                               model_name, ctx.data),
             )
             space_record = {k: p.to_dict() for k, p in space.items()}
-            key = method_key({"config": cfg.to_dict() | {"out_dir": None, "progress": None},
+            key = method_key({"config": cfg.to_dict() | {"out_dir": None, "progress": None,
+                                                         "methods": None},
                               "scenario": scenario, "method": name, "space": space_record,
                               "tune_seed": tune_seed, "n_trials": n_trials,
                               "max_passes": max_passes, "version": deepclean.__version__})

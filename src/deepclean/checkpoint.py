@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from deepclean.errors import CheckpointError
@@ -46,6 +47,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             os.fsync(f.fileno())
         _readable_by_umask(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -106,8 +110,6 @@ def save_tensors(
     Returns:
         The path written.
     """
-    from safetensors.torch import save_file
-
     import deepclean
 
     path = Path(path)
@@ -125,6 +127,9 @@ def save_tensors(
         save_file(state, tmp, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
         _readable_by_umask(tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a folder that became read-only: name the file
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

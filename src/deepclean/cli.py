@@ -229,6 +229,25 @@ def _config_from_args(args: argparse.Namespace):
     from deepclean.experiment import ExperimentConfig, preset
     from deepclean.methods import available_methods, method_class
 
+    if args.gamma is not None and (args.gamma_random is not None or args.gamma_class is not None):
+        raise ConfigurationError(
+            "--gamma sets the threshold of every scenario and cannot be combined with "
+            "--gamma-random or --gamma-class; pass either --gamma or the per-scenario flags"
+        )
+    for flag, values in (("--methods", args.methods), ("--scenarios", args.scenarios),
+                         ("--forget-class", args.forget_class),
+                         ("--seeds", tuple(args.seeds) if args.seeds else None)):
+        repeated = sorted({v for v in values or () if list(values).count(v) > 1}, key=str)
+        if repeated:
+            raise ConfigurationError(
+                f"{flag} lists {repeated} more than once; list each once (a repeated seed or "
+                "method would be averaged as if it were another one)"
+            )
+    if args.forget_indices and args.scenarios is not None and "indices" not in args.scenarios:
+        raise ConfigurationError(
+            f"--forget-indices is used only by the scenario 'indices', but --scenarios is "
+            f"{','.join(args.scenarios)}; add 'indices' to --scenarios or drop --forget-indices"
+        )
     dataset = args.dataset or "fashion-mnist"
     fields: dict[str, Any] = preset(args.preset, dataset)
     fields["dataset"] = dataset
@@ -308,6 +327,9 @@ def _cmd_report(results_dir: str) -> int:
 
     if not Path(results_dir).is_dir():
         raise ConfigurationError(f"{results_dir} is not a folder; pass the --out folder of a run")
+    folder = Path(results_dir)
+    if folder.name in ("results", "sweep") and (folder.parent / "config.json").is_file():
+        results_dir = str(folder.parent)  # the run folder, where the report belongs
     records = load_records(results_dir)
     if not records and not load_sweep_records(results_dir):
         raise ConfigurationError(
@@ -354,9 +376,17 @@ def main(argv: list[str] | None = None) -> int:
                         extended=not args.paper_metrics_only)
             print(f"sweep written to {config.out_dir}/ (sweep/, figures/, report.html)")
             return 0
-        run_experiment(config)
+        records = run_experiment(config)
         print(f"results written to {config.out_dir}/ (results.md, results.csv, results.tex, "
               "tables/, figures/, report.html, results/, splits/, audit/, checkpoints/)")
+        from deepclean.experiment import failed_records
+
+        failed = failed_records(records)
+        if failed:
+            names = sorted({f"{r['method']} ({r['scenario']}, seed {r['seed']})" for r in failed})
+            print(f"deepclean: {len(failed)} method run(s) failed: {', '.join(names)}; see "
+                  "results.md", file=sys.stderr)
+            return 4
         return 0
     except DeepCleanError as exc:
         if args.traceback:

@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "SplitMismatchError",
     "BusyError",
+    "DivergenceError",
 ]
 
 
@@ -47,3 +48,7 @@ class SplitMismatchError(DeepCleanError, ValueError):
 
 class BusyError(DeepCleanError, RuntimeError):
     """An output folder or cache entry is held by another DeepClean process."""
+
+
+class DivergenceError(DeepCleanError, FloatingPointError):
+    """An unlearning method produced non-finite weights or outputs (it diverged)."""

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ from deepclean.checkpoint import (
     strip_module_prefix,
 )
 from deepclean.data import ImageData, load_dataset
-from deepclean.errors import CheckpointError, ConfigurationError
+from deepclean.errors import CheckpointError, ConfigurationError, DivergenceError
 from deepclean.evaluation import (
     ModelOutputs,
     build_reference,
@@ -479,6 +480,18 @@ def _train_or_load(
     }
     key = _key(payload)
     path = ctx.cache_dir / f"{kind}-{cfg.dataset}-{model_name}-{key}.safetensors"
+    from deepclean.locking import exclusive_lock
+
+    # a second process that needs the same model waits here and then reuses it
+    with exclusive_lock(path, purpose=f"training the {kind} model", wait=True):
+        return _train_or_load_locked(ctx, kind=kind, model_name=model_name, seed=seed, x=x, y=y,
+                                     payload=payload, key=key, path=path)
+
+
+def _train_or_load_locked(ctx: _Context, *, kind: str, model_name: str, seed: int,
+                          x: torch.Tensor, y: torch.Tensor, payload: dict[str, Any], key: str,
+                          path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    cfg = ctx.cfg
     model = build_model(model_name, in_channels=ctx.data.in_channels,
                         num_classes=ctx.data.num_classes, width=cfg.width, seed=seed)
     if path.is_file():
@@ -596,13 +609,24 @@ def run_experiment(
     An interrupted run started again with the same configuration and ``out_dir`` resumes: cached
     models and finished method results are reused (:mod:`deepclean.resume`).
     """
-    from contextlib import nullcontext
-
     from deepclean.reproducibility import deterministic, preserve_global_rng
 
     switch = deterministic(warn_only=True) if config.deterministic is True else nullcontext()
-    with preserve_global_rng(), switch:
+    config.validate()  # bad settings fail before the output folder is touched
+    with preserve_global_rng(), switch, out_dir_lock(config.out_dir, "deepclean run"):
         return _run_experiment(config, log=log)
+
+
+def out_dir_lock(out_dir: str | Path, purpose: str):
+    """An exclusive lock on an output folder (:func:`deepclean.locking.exclusive_lock`): a second
+    process writing into the same ``--out`` is refused at once (``BusyError``) instead of mixing
+    its results with the first one's. A path that is a file is left to the folder checks."""
+    from deepclean.locking import exclusive_lock
+
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        return nullcontext()
+    return exclusive_lock(path, purpose=purpose)
 
 
 def _run_experiment(
@@ -635,13 +659,20 @@ def _run_experiment(
     """
     from deepclean.reporting import build_report
 
-    from deepclean.resume import check_cache_dir, check_out_dir, remove_stale_temporaries
+    from deepclean.resume import (
+        check_cache_dir,
+        check_out_dir,
+        check_writable,
+        remove_stale_temporaries,
+    )
 
     config.validate()
     out_dir = Path(config.out_dir)
     config_record = config.to_dict() | {"device_used": str(resolve_device(config.device))}
     check_cache_dir(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
-    if check_out_dir(out_dir, config_record):
+    resuming = check_out_dir(out_dir, config_record)
+    check_writable(out_dir, "--out")
+    if resuming:
         log(f"resuming in {out_dir}: finished results of this configuration are reused")
         remove_stale_temporaries(out_dir)
     ctx = _make_context(config, log)
@@ -757,12 +788,17 @@ def _run_scenario(
         started_at = utc_now()
         synchronize(device)
         start = time.perf_counter()
-        with autocast(device, cfg.precision):  # its overhead is part of the unlearning time
-            unlearned = method.unlearn(original, forget, retain)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        finished_at = utc_now()
-        evaluated = evaluate(unlearned)
+        try:
+            with autocast(device, cfg.precision):  # its overhead is part of the unlearning time
+                unlearned = method.unlearn(original, forget, retain)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            finished_at = utc_now()
+            evaluated = _evaluate_unlearned(evaluate, unlearned, name)
+        except DivergenceError as exc:
+            records.append(_failed_record(ctx, base, stem, name, seed, exc, method,
+                                          hp_source(cfg, name, scenario), resume_key))
+            continue
         metrics = evaluated[0]
         rec = record(name, unlearned, evaluated, {
             "time_s": seconds,
@@ -777,6 +813,38 @@ def _run_scenario(
                 f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
                 f"  time {seconds:.1f} s")
     return records
+
+
+def _evaluate_unlearned(evaluate: Callable, model: torch.nn.Module, name: str):
+    """``evaluate(model)``; outputs with NaN or infinity (finite but huge weights) are a
+    divergence of the method, not bad input: the inputs were checked before any work."""
+    from deepclean.errors import DataError
+
+    try:
+        return evaluate(model)
+    except DataError as exc:
+        if "NaN or infinity" not in str(exc):
+            raise
+        raise DivergenceError(f"{name}: the unlearned model's outputs are not finite ({exc})") \
+            from exc
+
+
+def _failed_record(ctx: _Context, base: dict[str, Any], stem: str, name: str, seed: int,
+                   exc: DivergenceError, method: Any, source: str, resume_key: str
+                   ) -> dict[str, Any]:
+    """Record a method that failed (diverged): ``status`` "failed" and the reason, no metrics.
+    The other methods and scenarios still run; ``deepclean run`` exits with status 4."""
+    rec = base | {"method": name, "status": "failed", "failure": str(exc), "metrics": None,
+                  "time_s": None, "hyperparameters": method.hyperparameters(),
+                  "hp_source": source, "resume_key": resume_key}
+    _write_json(ctx.out_dir / "results" / f"{stem}_{name}_seed{seed}.json", rec)
+    ctx.log(f"  {name}: FAILED: {exc}")
+    return rec
+
+
+def failed_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of methods that failed (``status == "failed"``)."""
+    return [r for r in records if r.get("status") == "failed"]
 
 
 # --- shared with the gamma sweep (deepclean.sweep): data, original, split, gold, evaluation ---

@@ -119,8 +119,10 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
 
 
 def render_html_report(records: list[dict[str, Any]], sweep: list[dict[str, Any]],
-                       figures: list[dict[str, str]]) -> str:
-    """The report as one HTML string (figures embedded from their PNG files)."""
+                       figures: list[dict[str, str]],
+                       failed: list[dict[str, Any]] | None = None) -> str:
+    """The report as one HTML string (figures embedded from their PNG files); ``failed`` are the
+    records of method runs that failed, listed with their reasons at the top."""
     e = html.escape
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
@@ -131,6 +133,11 @@ def render_html_report(records: list[dict[str, Any]], sweep: list[dict[str, Any]
         f"records on {_dt.datetime.now().isoformat(timespec='seconds')}. Time is the unlearning "
         "step alone; the gold model's time is its training time.</p>",
     ]
+    if failed:
+        body.append("<h2>Failed method runs</h2><ul>" + "".join(
+            f"<li><b>{e(r['method'])}</b> ({e(str(r['dataset']))} / {e(str(r['model']))} / "
+            f"{e(str(r['scenario']))}, seed {r['seed']}): {e(str(r.get('failure', '')))}</li>"
+            for r in failed) + "</ul>")
     if not records:
         body.append("<p>No result records.</p>")
     for key in sorted(groups):
@@ -158,8 +165,9 @@ def render_html_report(records: list[dict[str, Any]], sweep: list[dict[str, Any]
 
 
 def write_html_report(records: list[dict[str, Any]], sweep: list[dict[str, Any]],
-                      figures: list[dict[str, str]], path: str | Path) -> Path:
+                      figures: list[dict[str, str]], path: str | Path,
+                      failed: list[dict[str, Any]] | None = None) -> Path:
     """Write :func:`render_html_report` atomically to ``path``; return it."""
     path = Path(path)
-    atomic_write_text(path, render_html_report(records, sweep, figures))
+    atomic_write_text(path, render_html_report(records, sweep, figures, failed))
     return path

@@ -117,14 +117,74 @@ def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
     """Every result record under ``results_dir`` (its ``results/`` folder, or itself).
 
     JSON files that are not result records (``config.json``, ``sweep_config.json``) are skipped.
+    A record whose metrics are missing or not numbers is kept, marked ``status: "damaged"`` with
+    the reason, so that the tables show it instead of dropping the row.
+
+    Raises:
+        CheckpointError: a file that is not readable JSON, or a JSON object in ``results/``
+            without the keys that identify a result; the message names the file.
     """
+    from deepclean.errors import CheckpointError
+
     root = Path(results_dir)
     folder = root / "results" if (root / "results").is_dir() else root
-    loaded = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    return [r for r in loaded if isinstance(r, dict) and _RECORD_KEYS <= r.keys()]
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path} is not readable JSON ({exc}); restore it, or delete it and run the same "
+                "'deepclean run' again to recompute that result"
+            ) from exc
+        if not isinstance(record, dict) or path.name in _NOT_RECORDS:
+            continue
+        if not _ID_KEYS <= record.keys():
+            if folder.name == "results":
+                missing = sorted(_ID_KEYS - record.keys())
+                raise CheckpointError(
+                    f"{path} is not a result record (missing {missing}); restore it or delete "
+                    "it and run the same 'deepclean run' again"
+                )
+            continue
+        why = _damage(record)
+        if why:
+            record = record | {"status": "damaged", "failure": f"{path.name}: {why}"}
+        out.append(record)
+    return out
 
 
-_RECORD_KEYS = {"dataset", "model", "scenario", "method", "seed", "metrics"}
+_ID_KEYS = {"dataset", "model", "scenario", "method", "seed"}
+_NOT_RECORDS = {"config.json", "sweep_config.json", "hyperparameters.json"}
+
+
+def _damage(record: dict[str, Any]) -> str:
+    """Why a record cannot be tabulated ('' when it can): metrics missing or not numbers."""
+    if record.get("status") == "failed":
+        return ""
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict):
+        return "no 'metrics'"
+    for key in ("acc_retain", "acc_forget", "acc_test", "mia"):
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {key!r} is {value!r}, not a number"
+    return ""
+
+
+def missing_references(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Sentences naming each (data set, model, scenario, seed) that has method results but no
+    gold or no original record (a deleted file): its gaps to gold cannot be re-checked."""
+    have: dict[tuple, set[str]] = defaultdict(set)
+    for r in records:
+        have[(r["dataset"], r["model"], r["scenario"], r["seed"])].add(r["method"])
+    out = []
+    for key, methods in sorted(have.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        for ref in ("gold", "original"):
+            if ref not in methods:
+                out.append(f"MISSING: no {ref} record for {key[0]} / {key[1]} / {key[2]} forgetting, "
+                           f"seed {key[3]}; the gaps shown were computed when the run was made")
+    return out
 
 
 def load_sweep_records(results_dir: str | Path) -> list[dict[str, Any]]:
@@ -161,15 +221,42 @@ def summarise(records: Iterable[dict[str, Any]], columns: list | None = None
     for key, methods in groups.items():
         rows = []
         for method, recs in methods.items():
-            row: dict[str, Any] = {"method": method, "seeds": sorted(r["seed"] for r in recs)}
+            ok = [r for r in recs if not is_failed(r)]
+            row: dict[str, Any] = {
+                "method": method, "seeds": sorted(r["seed"] for r in ok),
+                "failed": sorted((r["seed"], str(r.get("failure", "")), str(r["status"]))
+                                 for r in recs if is_failed(r)),
+            }
             for label, get, *_ in (columns or _COLUMNS):
-                values = [get(r) for r in recs]
+                values = [get(r) for r in ok]
                 values = [v for v in values if v is not None]
                 row[label] = mean_ci([float(v) for v in values]) if values else None
             rows.append(row)
         rows.sort(key=lambda row: (_ORDER.get(row["method"], 2), row["method"]))
         out[key] = rows
     return out
+
+
+def is_failed(record: dict[str, Any]) -> bool:
+    """Whether a result record has no usable metrics: the method run failed (diverged), or its
+    file was damaged."""
+    return record.get("status") in ("failed", "damaged")
+
+
+def _label(row: dict[str, Any]) -> str:
+    """The method's name, marked when some or all of its seeds failed."""
+    if not row["failed"]:
+        return row["method"]
+    word = "DAMAGED" if all(st == "damaged" for *_, st in row["failed"]) else "FAILED"
+    if not row["seeds"]:
+        return f"{row['method']} ({word})"
+    return f"{row['method']} ({word.lower()} on seed {', '.join(str(s) for s, *_ in row['failed'])})"
+
+
+def failure_notes(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per failed (method, seed) with the reason."""
+    return [f"{status.upper()}: {row['method']}, seed {seed}: {why}"
+            for row in rows for seed, why, status in row["failed"]]
 
 
 def _cell(value: tuple[float, float | None] | None, digits: int) -> str:
@@ -225,9 +312,14 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
         if ideal:
             lines.append("| " + " | ".join(f"*{c}*" if c else "" for c in ideal) + " |")
         for row in rows:
-            cells = [row["method"]] + [_cell(row[c[0]], c[2]) for c in columns]
+            if row["failed"] and not row["seeds"]:
+                cells = [_label(row)] + ["failed"] * len(columns)
+            else:
+                cells = [_label(row)] + [_cell(row[c[0]], c[2]) for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", note]
+        lines += ["", note, *failure_notes(rows)]
+        lines += [m for m in missing_references(records)
+                  if f"{dataset} / {model} / {scenario} forgetting" in m]
         once = precompute_note(r for r in records if (r.get("dataset"), r.get("model"),
                                                       r.get("scenario")) == (dataset, model, scenario))
         if once:
@@ -257,7 +349,10 @@ def csv_table(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
             line = [dataset, model, scenario, row["method"], len(row["seeds"])]
             for c in columns:
                 value = row[c[0]]
-                line += ["", ""] if value is None else [value[0], "" if value[1] is None else value[1]]
+                if value is None:
+                    line += ["failed" if row["failed"] and not row["seeds"] else "", ""]
+                else:
+                    line += [value[0], "" if value[1] is None else value[1]]
             writer.writerow(line)
     return buf.getvalue()
 
@@ -294,7 +389,10 @@ def latex_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str
             lines.append(" & ".join([r"\emph{ideal}"] + [_tex(c) for c in ideal[1:]]) + r" \\")
             lines.append(r"\midrule")
         for row in rows:
-            cells = [_tex(row["method"])] + [_tex(_cell(row[c[0]], c[2])) for c in columns]
+            if row["failed"] and not row["seeds"]:
+                cells = [_tex(_label(row))] + ["failed"] * len(columns)
+            else:
+                cells = [_tex(_label(row))] + [_tex(_cell(row[c[0]], c[2])) for c in columns]
             lines.append(" & ".join(cells) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
         parts.append("\n".join(lines))
@@ -341,6 +439,8 @@ def build_report(results_dir: str | Path, *, records: list[dict[str, Any]] | Non
         records = load_records(results_dir)
     sweep = load_sweep_records(results_dir)
     md = write_tables(records, results_dir) if records else ""
-    figures = write_figures(records, sweep, results_dir / "figures")
-    write_html_report(records, sweep, figures, results_dir / "report.html")
+    ok = [r for r in records if not is_failed(r)]
+    figures = write_figures(ok, sweep, results_dir / "figures")
+    write_html_report(ok, sweep, figures, results_dir / "report.html",
+                      failed=[r for r in records if is_failed(r)])
     return md

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,34 @@ def check_cache_dir(cache_dir: str | Path) -> None:
         raise ConfigurationError(
             f"the cache folder {cache_dir} is a file; expected a folder. Pass another --cache-dir."
         )
+    check_writable(cache_dir, "--cache-dir")
+
+
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Create ``folder`` if needed and write (then delete) a small file in it, so that a folder
+    that cannot be written fails before any training rather than after it.
+
+    Raises:
+        ConfigurationError: the folder cannot be created or written; names it, the reason and
+            the flag to change.
+    """
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".deepclean-write-test.", suffix=".tmp")
+        try:
+            os.write(fd, b"0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot write into {folder} ({exc.strerror or exc}); pass a writable folder with "
+            f"{flag} (or free space on its disk)"
+        ) from exc
 
 
 def method_key(payload: Mapping[str, Any]) -> str:

@@ -56,6 +56,18 @@ def sweep_gamma(
     Raises:
         ConfigurationError: an empty or non-positive gamma list, or an invalid configuration.
     """
+    from deepclean.experiment import out_dir_lock
+
+    gammas = tuple(float(g) for g in gammas)
+    if not gammas or not all(g > 0 for g in gammas):
+        raise ConfigurationError(f"gammas must be a non-empty list of numbers > 0, got {gammas}")
+    config.validate()
+    with out_dir_lock(config.out_dir, "deepclean sweep-gamma"):
+        return _sweep_locked(config, gammas, extended=extended, log=log)
+
+
+def _sweep_locked(config: Any, gammas: tuple[float, ...], *, extended: bool,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
     from deepclean.experiment import (
         _evaluator,
         _gaps,
@@ -71,9 +83,6 @@ def sweep_gamma(
     from deepclean.summaries import summary
     from deepclean.training import synchronize
 
-    gammas = tuple(float(g) for g in gammas)
-    if not gammas or not all(g > 0 for g in gammas):
-        raise ConfigurationError(f"gammas must be a non-empty list of numbers > 0, got {gammas}")
     ctx = _make_context(config, log)
     data, device, out_dir = ctx.data, ctx.device, ctx.out_dir
     _write_json(out_dir / "sweep_config.json",

@@ -80,7 +80,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(
+            f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigurationError(
+            f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError(
             "device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu"

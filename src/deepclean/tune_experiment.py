@@ -111,6 +111,13 @@ def run_tuning(
         )
     cfg = replace(config, seeds=(tune_seed,))
     cfg.validate()
+    with ex.out_dir_lock(cfg.out_dir, "deepclean tune"):
+        return _run_tuning(cfg, tune_seed=tune_seed, n_trials=n_trials, max_passes=max_passes,
+                           log=log)
+
+
+def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
+                log: Callable[[str], None]) -> dict[str, Any]:
     ctx = ex._make_context(cfg, log)
     ex._precheck(cfg, ctx.data)
     val_idx, _ = test_halves(int(ctx.data.test_x.shape[0]), seed=TEST_HALVES_SEED)

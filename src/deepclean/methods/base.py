@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepclean.data import as_tensors
-from deepclean.errors import ConfigurationError, DataError
+from deepclean.errors import ConfigurationError, DataError, DivergenceError
 from deepclean.methods.space import Param, SpaceContext
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "make_method",
     "method_class",
     "prepare_inputs",
+    "check_finite_weights",
 ]
 
 _REGISTRY: dict[str, type[Unlearner]] = {}
@@ -68,6 +70,10 @@ class Unlearner(ABC):
                  progress: bool = False) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigurationError(f"seed must be an int >= 0, got {seed!r}; e.g. seed=0")
+        if device is not None:
+            from deepclean.training import resolve_device
+
+            resolve_device(device)  # an unknown or absent device fails now, before any work
         self.seed = seed
         self.device = device
         self.progress = progress
@@ -113,6 +119,9 @@ class Unlearner(ABC):
 
         Raises:
             ConfigurationError: the model has no trainable parameter.
+            DivergenceError: the method produced non-finite weights; the message names the
+                optimizer step after which it happened (or "after unlearning" for methods
+                without an optimizer) and the first tensor affected.
             DataError: before any work, when D_f or D_r is empty, they share samples, their inputs
                 are not finite floats or do not fit the model, or labels are not integers in
                 ``[0, K)`` for a model with K outputs (see :func:`prepare_inputs`).
@@ -122,9 +131,10 @@ class Unlearner(ABC):
         # Anything that draws from torch's global generator (dropout in a user's model) draws from
         # a private copy seeded from ``seed``: reproducible, and the caller's state is untouched.
         cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=cuda), _divergence_watch(self.name):
             torch.manual_seed(self.seed * 1_000_003 + 999_983)
             out = self._unlearn(work, xf, yf, xr, yr, device)
+        check_finite_weights(out, f"{self.name} after unlearning")
         return out.eval()
 
     @abstractmethod
@@ -160,6 +170,48 @@ class Unlearner(ABC):
             means nothing to tune: the method runs once at its defaults.
         """
         return {}
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Raise :class:`DivergenceError` if a floating-point parameter or buffer of ``model`` holds
+    NaN or infinity; ``where`` says when (e.g. ``"neggrad after optimizer step 12"``)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DivergenceError(
+                f"{where}: non-finite weights (first: {name}); the method diverged. Lower its "
+                "learning rate or its number of steps (--hp METHOD.lr=...)"
+            )
+
+
+@contextmanager
+def _divergence_watch(method: str):
+    """During an unlearning call, check the parameters after every optimizer step (of any
+    ``torch.optim`` optimizer) and raise :class:`DivergenceError` at the first non-finite one,
+    naming the step: a diverging method stops at once instead of running on NaN."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = [0]
+
+    def after_step(optimizer, args, kwargs) -> None:
+        steps[0] += 1
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.is_floating_point()]
+        if params and not bool(torch.isfinite(torch.stack(
+                [p.detach().abs().max() for p in params if p.numel()])).all()):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.numel() and not bool(torch.isfinite(p.detach()).all()):
+                        raise DivergenceError(
+                            f"{method} after optimizer step {steps[0]}: non-finite weights; the "
+                            "method diverged. Lower its learning rate or its number of steps "
+                            "(--hp METHOD.lr=...)"
+                        )
+
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def prepare_inputs(

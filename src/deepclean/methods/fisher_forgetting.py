@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from deepclean.data import as_tensors
-from deepclean.errors import ConfigurationError, DataError
+from deepclean.errors import ConfigurationError, DataError, DivergenceError
 from deepclean.fisher import eval_mode, fisher_diagonal
 from deepclean.methods.base import Unlearner, check_positive, register_method
 from deepclean.methods.space import Choice, LogUniform, Param, SpaceContext
@@ -287,7 +287,10 @@ class FisherForgetting(Unlearner):
         self.info_.update(noise_std_mean=total / max(count, 1),
                           forgotten_class_row=-1 if forgotten is None else int(forgotten))
         if not math.isfinite(self.info_["noise_std_mean"]):
-            raise DataError("the Fisher noise is not finite; check the model's outputs for NaN")
+            raise DivergenceError(
+                "fisher_forgetting after unlearning: the noise is not finite (alpha / F "
+                "overflows); lower alpha or clamp"
+            )
         return model
 
     @classmethod

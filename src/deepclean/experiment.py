@@ -732,6 +732,7 @@ def _run_scenario(
         "seed": seed,
         "n_train": int(x_train.shape[0]),
         "n_forget": int(split.forget.numel()),
+        "forgotten": _forgotten_text(cfg, scenario, split),
         "n_retain": int(split.retain.numel()),
         "forget_sha256": split.digest,
         "gold_metrics": gold_metrics,
@@ -813,6 +814,19 @@ def _run_scenario(
                 f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
                 f"  time {seconds:.1f} s")
     return records
+
+
+def _forgotten_text(cfg: ExperimentConfig, scenario: str, split: ForgetSplit) -> str:
+    """What the scenario forgets, in words, for the report and the audit record."""
+    n_f, n = int(split.forget.numel()), int(split.n)
+    share = f"{n_f} of {n} training samples ({100.0 * n_f / n:.1f} %)"
+    if scenario == "class":
+        classes = ", ".join(str(c) for c in cfg.forget_classes)
+        return f"class {classes}: {share}" if len(cfg.forget_classes) == 1 else \
+            f"classes {classes}: {share}"
+    if scenario == "random":
+        return f"a random {100.0 * cfg.forget_fraction:g} % of the training samples: {share}"
+    return f"the requested training indices: {share}"
 
 
 def _evaluate_unlearned(evaluate: Callable, model: torch.nn.Module, name: str):

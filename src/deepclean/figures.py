@@ -65,7 +65,8 @@ def _group(records, key):
 
 def plot_method_bars(records: list[dict[str, Any]], path_stem: str | Path,
                      title: str = "") -> dict[str, str]:
-    """Fig. 2 for the records of one (data set, model, scenario): bars per method (gold dashed).
+    """Fig. 2 for the records of one (data set, model, scenario): bars per method of Acc_Dr,
+    Acc_Df, MIA and time (gold dashed); 95 % interval whiskers with two seeds or more.
 
     Returns:
         ``{"png": path, "svg": path}``.
@@ -74,11 +75,14 @@ def plot_method_bars(records: list[dict[str, Any]], path_stem: str | Path,
     by_method = _group([r for r in records if r["method"] not in ("gold", "original")],
                        lambda r: r["method"])
     gold = [r for r in records if r["method"] == "gold"]
+    # Acc_Df beside MIA: a method that did not forget must not look best on MIA alone
     panels = [("Acc_Dr (%)", lambda r: r["metrics"]["acc_retain"]),
+              ("Acc_Df (%)", lambda r: r["metrics"]["acc_forget"]),
               ("MIA (%)", lambda r: r["metrics"]["mia"]),
               ("time (s)", lambda r: r.get("time_s"))]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
     names = list(by_method)
+    several = max((len(v) for v in by_method.values()), default=0) > 1
     for ax, (label, get) in zip(axes, panels):
         means, errs = [], []
         for name in names:
@@ -86,7 +90,9 @@ def plot_method_bars(records: list[dict[str, Any]], path_stem: str | Path,
             m, e = _mean_err(values) if values else (float("nan"), 0.0)
             means.append(m)
             errs.append(e)
-        ax.bar(range(len(names)), means, yerr=errs, color="tab:blue", alpha=0.8, capsize=3)
+        # whiskers only where there is an interval (two seeds or more)
+        ax.bar(range(len(names)), means, yerr=errs if several else None, color="tab:blue",
+               alpha=0.8, capsize=3 if several else 0)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         gold_values = [float(get(r)) for r in gold if get(r) is not None]
         if gold_values:

@@ -40,6 +40,9 @@ REPORT_METRICS = [
     ("Avg. Gap (points)", lambda r: _get(r, "summary", "avg_gap"), 2, "0"),
     ("Tug of war", lambda r: _get(r, "summary", "tug_of_war"), 4, "1"),
     ("RTE (gold time / time)", lambda r: _get(r, "summary", "rte"), 2, "higher"),
+    ("Weights reset (count)", lambda r: r.get("n_reset"), 0, "-"),
+    ("Weights reset (% of all)", lambda r: None if r.get("share_reset") is None
+     else 100.0 * r["share_reset"], 2, "-"),
     ("Unlearning time (s)", lambda r: r.get("time_s"), 1, "lower"),
 ]
 
@@ -65,6 +68,19 @@ def _order(method: str) -> tuple[int, str]:
     return ({"gold": 0, "original": 1}.get(method, 2), method)
 
 
+def forgotten_text(r: dict[str, Any]) -> str:
+    """What a record's forget set is, in words: the classes, the fraction or the request."""
+    if r.get("forgotten"):
+        return str(r["forgotten"])
+    n_f, n = r.get("n_forget"), r.get("n_train")
+    share = f" ({100.0 * n_f / n:.1f} % of {n} training samples)" if n_f and n else ""
+    if r.get("scenario") == "class":
+        return f"a whole class, {n_f} samples{share}"
+    if r.get("scenario") == "random":
+        return f"{n_f} random samples{share}"
+    return f"{n_f} requested samples{share}"
+
+
 def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
     dataset, model, scenario = key
     e = html.escape
@@ -72,23 +88,29 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
     for r in recs:
         by_method[r["method"]].append(r)
     methods = sorted(by_method, key=_order)
+    unlearning = [m for m in methods if m not in ("gold", "original")]
     seeds = sorted({r["seed"] for r in recs})
     ref = by_method.get("gold") or recs
     forgotten = "".join(
-        f"<tr><td>{r['seed']}</td><td>{r.get('n_forget', '-')}</td><td>{r.get('n_retain', '-')}"
-        f"</td><td>{r.get('n_train', '-')}</td><td><code>{e(str(r.get('forget_sha256', '-')))}"
-        f"</code></td><td>{r.get('gold_seeds', 1)}</td></tr>"
+        f"<tr><td>{r['seed']}</td><td>{e(forgotten_text(r))}</td><td>{r.get('n_forget', '-')}"
+        f"</td><td>{r.get('n_retain', '-')}</td><td>{r.get('n_train', '-')}</td><td><code>"
+        f"{e(str(r.get('forget_sha256', '-')))}</code></td><td>{r.get('gold_seeds', 1)}</td></tr>"
         for r in sorted(ref, key=lambda r: r["seed"])
     )
+    spread = ("Mean ± 95 % interval over seeds." if len(seeds) > 1 else
+              "One seed: single values, no interval (run --seeds 0 1 2 for intervals).")
     parts = [
         f"<h2>{e(dataset)} / {e(model)} / {e(scenario)} forgetting</h2>",
-        f"<p>Methods: {', '.join(e(m) for m in methods)}. Seeds: {seeds}.</p>",
+        f"<p>Unlearning methods: {', '.join(e(m) for m in unlearning) or 'none'}. References: "
+        "the gold model (retrained without D_f) and the original model. "
+        f"Seeds: {seeds}.</p>",
         "<h3>What was forgotten</h3>",
-        "<table><tr><th>seed</th><th>|D_f|</th><th>|D_r|</th><th>training samples</th>"
-        "<th>forget set SHA-256</th><th>gold models</th></tr>" + forgotten + "</table>",
+        "<table><tr><th>seed</th><th>forgotten</th><th>|D_f|</th><th>|D_r|</th>"
+        "<th>training samples</th><th>forget set SHA-256</th><th>gold models</th></tr>"
+        + forgotten + "</table>",
         "<h3>Each metric against gold</h3>",
-        "<p class='note'>Mean ± 95 % interval over seeds. The gold model (retrained without D_f) "
-        "is the target: its column is shaded; 'ideal' says which value is best.</p>",
+        f"<p class='note'>{spread} The gold model is the target: its column is shaded; 'ideal' "
+        "says which value is best.</p>",
     ]
     head = "".join(f"<th>{e(m)}</th>" for m in methods)
     rows = []
@@ -101,9 +123,12 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
     once = precompute_note(recs)
     if once:
         parts.append(f"<p class='note'>{e(once)}</p>")
-    reasons = {_get(r, "mia_family", "lira_reason") for r in recs} - {None}
-    if reasons:
-        parts.append("<p class='note'>LiRA: " + e("; ".join(sorted(reasons))) + "</p>")
+    if any(_get(r, "mia_family", "lira_reason") for r in recs):
+        k = max(int(r.get("gold_seeds") or 1) for r in recs)
+        parts.append(
+            f"<p class='note'>LiRA: this run has {k} gold model(s) per seed; the attack needs at "
+            "least 2 reference gold models for a method (--gold-models 2) and 3 for the gold "
+            "model's own value (it cannot be its own reference).</p>")
     remembered = []
     for m in methods:
         for r in sorted(by_method[m], key=lambda r: r["seed"])[:1]:

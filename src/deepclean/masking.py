@@ -23,10 +23,10 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches
 from deepclean.errors import ConfigurationError
+from deepclean.progress import progress_bar
 from deepclean.selection import check_mask
 
 __all__ = ["masked_finetune", "BN_STATS"]
@@ -110,7 +110,7 @@ def masked_finetune(
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+        bar = progress_bar(total=steps, desc=desc, enabled=progress)
         for _ in range(epochs):
             for _, xb, yb in iterate_batches(
                 x, y, batch_size=batch_size, shuffle=True, generator=generator, device=device

@@ -112,7 +112,8 @@ def check_cache_dir(cache_dir: str | Path) -> None:
 
 
 def check_writable(folder: str | Path, flag: str) -> None:
-    """Create ``folder`` if needed and write (then delete) a small file in it, so that a folder
+    """Write (then delete) a small file in ``folder``, or, while it does not exist yet, in its
+    nearest existing parent (where it will be created; nothing is created here), so that a folder
     that cannot be written fails before any training rather than after it.
 
     Raises:
@@ -122,9 +123,13 @@ def check_writable(folder: str | Path, flag: str) -> None:
     import tempfile
 
     folder = Path(folder)
+    target = folder.absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".deepclean-write-test.", suffix=".tmp")
+        if not target.is_dir():
+            raise NotADirectoryError(20, f"{target} is not a folder")
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".deepclean-write-test.", suffix=".tmp")
         try:
             os.write(fd, b"0" * 4096)
             os.fsync(fd)

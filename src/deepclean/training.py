@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches, random_crop_flip
 from deepclean.errors import ConfigurationError
 from deepclean.precision import autocast, check_precision, to_input_format, to_memory_format
+from deepclean.progress import progress_bar
 
 __all__ = ["TrainConfig", "train_model", "resolve_device", "synchronize"]
 
@@ -160,7 +160,7 @@ def train_model(
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, [m * steps_per_epoch for m in config.milestones], gamma=config.lr_factor
         )
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=config.epochs * steps_per_epoch, desc=desc, enabled=progress)
     for _ in range(config.epochs):
         for _, xb, yb in iterate_batches(
             x, y, batch_size=config.batch_size, shuffle=True, generator=generator, device=device

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches
 from deepclean.errors import ConfigurationError
@@ -25,6 +24,7 @@ from deepclean.methods.base import (
     register_method,
 )
 from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
+from deepclean.progress import progress_bar
 
 __all__ = ["NegGrad"]
 
@@ -112,7 +112,7 @@ class NegGrad(Unlearner):
             if self.alpha > 0 else None
         )
         steps = self.epochs * -(-xf.shape[0] // self.batch_size)
-        bar = tqdm(total=steps, desc=self.name, disable=not self.progress, leave=False)
+        bar = progress_bar(total=steps, desc=self.name, enabled=self.progress)
         last_forget_loss = float("nan")
         for _ in range(self.epochs):
             for _, xb, yb in iterate_batches(xf, yf, batch_size=self.batch_size, shuffle=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches
 from deepclean.errors import ConfigurationError
@@ -17,8 +16,9 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
-from deepclean.methods.space import Choice, IntRange, LogUniform, Param, SpaceContext
 from deepclean.methods.losses import distillation_kl, teacher_probabilities
+from deepclean.methods.space import Choice, IntRange, LogUniform, Param, SpaceContext
+from deepclean.progress import progress_bar
 
 __all__ = ["SCRUB"]
 
@@ -118,7 +118,7 @@ class SCRUB(Unlearner):
         n_max = min(self.max_steps, self.epochs)
         steps = (n_max * -(-xf.shape[0] // self.forget_batch_size)
                  + self.epochs * -(-xr.shape[0] // self.batch_size))
-        bar = tqdm(total=steps, desc=self.name, disable=not self.progress, leave=False)
+        bar = progress_bar(total=steps, desc=self.name, enabled=self.progress)
         for epoch in range(self.epochs):
             if epoch < self.max_steps:
                 for _, xb, _ in iterate_batches(xf, yf, batch_size=self.forget_batch_size,

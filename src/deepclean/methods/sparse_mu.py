@@ -7,7 +7,6 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches
 from deepclean.errors import ConfigurationError
@@ -18,6 +17,7 @@ from deepclean.methods.base import (
     register_method,
 )
 from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
+from deepclean.progress import progress_bar
 
 __all__ = ["SparseMU", "l1_strength"]
 
@@ -106,7 +106,7 @@ class SparseMU(Unlearner):
         gen = self.generator()
         step = 0
         model.train()
-        bar = tqdm(total=total, desc=self.name, disable=not self.progress, leave=False)
+        bar = progress_bar(total=total, desc=self.name, enabled=self.progress)
         for _ in range(self.epochs):
             for _, xb, yb in iterate_batches(xr, yr, batch_size=self.batch_size, shuffle=True,
                                              generator=gen, device=device):

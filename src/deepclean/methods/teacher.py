@@ -7,7 +7,6 @@ import copy
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deepclean.data import iterate_batches
 from deepclean.errors import ConfigurationError, DataError
@@ -19,9 +18,10 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
-from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
 from deepclean.methods.losses import distillation_kl, teacher_probabilities
 from deepclean.methods.retrain import reinitialise
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
+from deepclean.progress import progress_bar
 
 __all__ = ["BadTeacher", "bad_teacher_targets"]
 
@@ -152,7 +152,7 @@ class BadTeacher(Unlearner):
         set_train_mode(model, self.bn_stats)
         gen = self.generator(0)
         steps = self.epochs * -(-x.shape[0] // self.batch_size)
-        bar = tqdm(total=steps, desc=self.name, disable=not self.progress, leave=False)
+        bar = progress_bar(total=steps, desc=self.name, enabled=self.progress)
         for _ in range(self.epochs):
             for _, xb, fb in iterate_batches(x, flag, batch_size=self.batch_size, shuffle=True,
                                              generator=gen, device=device):

@@ -16,7 +16,7 @@ Measurements: ``alternate`` (the time ratio of the table: ``plain`` and ``fisher
 (forward, sum cross-entropy, ``loss.backward()`` per batch, model in eval mode) and ``fisher``
 (:func:`deepclean.fisher_diagonal`, same batch size) each in its own process for peak memory, ``naive`` (one
 forward+backward per sample on a subset, scaled to N), and ``dataload`` vs ``train_epoch`` (one
-epoch of :func:`deepclean.data.iterate_batches` over 60000x1x28x28 in-memory tensors against one
+epoch of :func:`deepclean.data.datasets.iterate_batches` over 60000x1x28x28 in-memory tensors against one
 training epoch of ResNet-18 width 0.125 measured on a subset and scaled to 60000 samples).
 One JSON file per measurement plus ``env.json`` go to ``--out``; a Markdown table of the ratios
 is printed (and written to ``table.md``).
@@ -60,9 +60,9 @@ def _peak(device: torch.device) -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from deepclean.data import iterate_batches
-    from deepclean.fisher import fisher_diagonal
-    from deepclean.models import build_model
+    from deepclean.data.datasets import iterate_batches
+    from deepclean.fisher.diagonal import fisher_diagonal
+    from deepclean.data.models import build_model
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

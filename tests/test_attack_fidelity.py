@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.svm import SVC
 
-from deepclean.metrics import membership_attack
-from deepclean.mia import mia_efficacy
+from deepclean.evaluation.metrics import membership_attack
+from deepclean.evaluation.mia import mia_efficacy
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e3])

@@ -23,8 +23,8 @@ from deepclean import (
     select_weights,
 )
 from deepclean.cli import main
-from deepclean.data import DEBIAN_FASHION_MNIST
-from deepclean.experiment import ExperimentConfig
+from deepclean.data.datasets import DEBIAN_FASHION_MNIST
+from deepclean.harness.experiment import ExperimentConfig
 from deepclean.methods.base import prepare_inputs
 from deepclean.selection import check_mask
 from deepclean.validation import check_num_classes, check_parameter_keys

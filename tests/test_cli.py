@@ -5,7 +5,7 @@ import json
 import pytest
 
 from deepclean.cli import main
-from deepclean.data import DEBIAN_FASHION_MNIST
+from deepclean.data.datasets import DEBIAN_FASHION_MNIST
 from deepclean.methods import available_methods
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from deepclean import DataError, DataNotFoundError, load_dataset
-from deepclean.data import DEBIAN_FASHION_MNIST, as_tensors, random_crop_flip
+from deepclean.data.datasets import DEBIAN_FASHION_MNIST, as_tensors, random_crop_flip
 
 
 def _write_idx(folder, prefix, n, rng, gz=True):

@@ -9,7 +9,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
 from deepclean import build_model
-from deepclean.distances import (
+from deepclean.evaluation.distances import (
     activation_distance,
     distances_to_gold,
     js_divergence,

@@ -29,7 +29,7 @@ from deepclean import (
     write_audit,
 )
 from deepclean.checkpoint import load_checkpoint, save_checkpoint, state_digest
-from deepclean.experiment import ExperimentConfig, run_experiment
+from deepclean.harness.experiment import ExperimentConfig, run_experiment
 
 NAME = "digits_small_cnn_random_deepclean_seed0"
 
@@ -128,7 +128,7 @@ def test_check_same_split_refuses_a_gold_model_of_another_split(tmp_path):
 
 
 def test_the_harness_refuses_a_gold_model_of_another_split(tmp_path, monkeypatch):
-    import deepclean.experiment as experiment
+    import deepclean.harness.experiment as experiment
 
     real = experiment._train_or_load
     evaluated = []

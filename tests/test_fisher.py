@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import deepclean.fisher as fisher_module
+import deepclean.fisher.diagonal as fisher_module
 from deepclean import ConfigurationError, DataError, fisher_diagonal, fisher_diagonal_reference
-from deepclean.models import build_model
+from deepclean.data.models import build_model
 
 RTOL = 1e-5
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from deepclean.checkpoint import load_checkpoint
-from deepclean.data import DEBIAN_FASHION_MNIST
+from deepclean.data.datasets import DEBIAN_FASHION_MNIST
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed"

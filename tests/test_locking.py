@@ -8,11 +8,11 @@ import time
 import pytest
 
 from deepclean.errors import BusyError
-from deepclean.locking import LOCK_NAME, exclusive_lock, lock_holder
+from deepclean.harness.locking import LOCK_NAME, exclusive_lock, lock_holder
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from deepclean.locking import exclusive_lock
+    from deepclean.harness.locking import exclusive_lock
     with exclusive_lock(sys.argv[1], purpose="holder under test"):
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from deepclean import MaskError, masked_finetune
-from deepclean.models import build_model
+from deepclean.data.models import build_model
 
 
 

@@ -19,7 +19,7 @@ from deepclean.methods import scrub as scrub_module
 from deepclean.methods import teacher as teacher_module
 from deepclean.methods.losses import distillation_kl
 from deepclean.methods.random_label import random_wrong_labels, wrong_label_distribution
-from deepclean.models import build_model
+from deepclean.data.models import build_model
 from deepclean.training import TrainConfig, train_model
 
 # ----------------------------------------------------------------------------- the KL loss

@@ -19,9 +19,9 @@ import sklearn.svm
 import torch
 
 from deepclean import build_model
-from deepclean.evaluation import build_reference, extended_metrics, model_outputs
-from deepclean.metrics import membership_attack
-from deepclean.mia import (
+from deepclean.evaluation.outputs import build_reference, extended_metrics, model_outputs
+from deepclean.evaluation.metrics import membership_attack
+from deepclean.evaluation.mia import (
     DIRECTIONS,
     lira_mia,
     lira_zscores,
@@ -30,7 +30,7 @@ from deepclean.mia import (
     mia_efficacy,
     mia_family,
 )
-from deepclean.splits import random_split
+from deepclean.data.splits import random_split
 
 SEEDS = range(10)
 

@@ -8,7 +8,7 @@ from torch.nn.utils import parametrizations
 from torch.utils.data import Subset, TensorDataset
 
 from deepclean import DeepClean, fisher_diagonal
-from deepclean.fisher import fisher_diagonal_reference
+from deepclean.fisher.diagonal import fisher_diagonal_reference
 
 
 def _model(kind: str) -> nn.Module:

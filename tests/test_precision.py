@@ -32,8 +32,8 @@ from deepclean import accuracy as accuracy_percent
 from deepclean import predict_proba
 from deepclean.checkpoint import load_checkpoint
 from deepclean.cli import build_parser, main
-from deepclean.experiment import ExperimentConfig, run_experiment
-from deepclean.metrics import predict_logits
+from deepclean.harness.experiment import ExperimentConfig, run_experiment
+from deepclean.evaluation.metrics import predict_logits
 from deepclean.precision import autocast, to_memory_format
 
 # Fisher comparisons: max |a - b| <= FISHER_RTOL * max |b| per tensor, in float32.
@@ -117,7 +117,7 @@ def test_autocast_helper_and_memory_format():
 @pytest.mark.parametrize("path", [None, "grouped", "pairs", "per_sample"])
 def test_fisher_of_a_channels_last_model_equals_the_contiguous_one(conv_model_and_data, path,
                                                                    monkeypatch):
-    import deepclean.fisher as fisher_module
+    import deepclean.fisher.diagonal as fisher_module
 
     if path is not None:  # each Conv2d contraction forced on every layer (None: the shape rule)
         monkeypatch.setattr(fisher_module, "_conv_path", lambda length, numel: path)
@@ -312,7 +312,7 @@ def test_run_with_bf16_and_channels_last_records_both_and_keys_the_cache(tmp_pat
 def test_an_out_folder_of_an_earlier_version_resumes_and_bf16_is_another_configuration(tmp_path):
     """A config.json written before these options existed (no ``precision``, no
     ``channels_last``) is the same configuration as fp32, contiguous; bf16 is not."""
-    from deepclean.resume import check_out_dir
+    from deepclean.harness.resume import check_out_dir
 
     record = ExperimentConfig(out_dir=str(tmp_path)).to_dict()
     old = {k: v for k, v in record.items() if k not in ("precision", "channels_last")}

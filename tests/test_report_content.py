@@ -6,7 +6,7 @@ import re
 import pytest
 
 from deepclean.cli import main
-from deepclean.figures import plot_method_bars
+from deepclean.report.figures import plot_method_bars
 from deepclean.progress import progress_bar
 
 

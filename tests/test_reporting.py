@@ -7,9 +7,9 @@ import json
 import pytest
 
 from deepclean.cli import main
-from deepclean.figures import write_figures
-from deepclean.html_report import render_html_report
-from deepclean.reporting import (
+from deepclean.report.figures import write_figures
+from deepclean.report.html import render_html_report
+from deepclean.report.tables import (
     build_report,
     csv_table,
     latex_tables,

@@ -46,7 +46,7 @@ def test_an_unknown_device_is_refused_by_the_constructor():
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from deepclean.locking import exclusive_lock
+    from deepclean.harness.locking import exclusive_lock
     with exclusive_lock(sys.argv[1], purpose="deepclean run"):
         print("locked", flush=True)
         time.sleep(60)

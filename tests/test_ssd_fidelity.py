@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 
 from deepclean import build_model
 from deepclean.errors import ConfigurationError
-from deepclean.fisher import fisher_diagonal
+from deepclean.fisher.diagonal import fisher_diagonal
 from deepclean.methods import make_method
 from deepclean.methods.ssd import batch_mean_importance
 

@@ -225,7 +225,7 @@ def test_run_with_precompute_fisher_selects_the_same_weights(tmp_path, capsys) -
     ],
 )
 def test_configuration_errors_name_the_flag(fields: dict, message: str) -> None:
-    from deepclean.experiment import ExperimentConfig
+    from deepclean.harness.experiment import ExperimentConfig
 
     with pytest.raises(ConfigurationError, match=message):
         ExperimentConfig(**fields).validate()

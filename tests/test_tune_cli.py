@@ -5,10 +5,10 @@ import json
 import pytest
 
 from deepclean.cli import main
-from deepclean.data import load_dataset
+from deepclean.data.datasets import load_dataset
 from deepclean.methods import method_class
 from deepclean.methods.space import SpaceContext
-from deepclean.tuning import test_halves
+from deepclean.harness.tuning import test_halves
 
 COMMON = ["--dataset", "digits", "--train-size", "all", "--model", "small_cnn", "--epochs", "2",
           "--no-progress", "--threads", "1"]
@@ -64,7 +64,7 @@ def test_tuning_scores_on_the_validation_half_and_the_run_reports_the_other(tune
     # the reported test accuracy is measured on the report half: recompute it from the checkpoint
     from deepclean import build_model
     from deepclean.checkpoint import load_weights
-    from deepclean.metrics import accuracy, predict_proba
+    from deepclean.evaluation.metrics import accuracy, predict_proba
 
     model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.125)
     load_weights(model, out / "checkpoints" / "digits_small_cnn_class_deepclean_seed0.safetensors")
@@ -109,7 +109,7 @@ def test_an_interrupted_tune_reuses_finished_searches(tuned, capsys):
 
 def test_several_hp_files_merge_and_conflicts_are_refused(tmp_path):
     from deepclean.errors import ConfigurationError
-    from deepclean.tuning import read_hp_files, write_hp_file
+    from deepclean.harness.tuning import read_hp_files, write_hp_file
 
     a = write_hp_file(tmp_path / "a.json", {"random": {"ssd": {"alpha": 3.0}}}, {"tune_seed": 100})
     b = write_hp_file(tmp_path / "b.json", {"random": {"scrub": {"lr": 1e-4}}}, {"tune_seed": 100})

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from deepclean.errors import CheckpointError, ConfigurationError, DataError
-from deepclean.tuning import (
+from deepclean.harness.tuning import (
     Choice,
     IntRange,
     LogUniform,

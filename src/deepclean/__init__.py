@@ -5,8 +5,12 @@ Privacy Sensitive Weights using the Fisher Diagonal" (arXiv 2311.10448), with th
 compared with and an evaluation harness (gold model, accuracies, membership inference, time).
 """
 
-from deepclean.audit import audit_record, evaluate_for_audit, format_audit, write_audit
-from deepclean.data import ImageData, available_datasets, load_dataset
+from deepclean import _compat
+
+_compat.install()
+
+from deepclean.harness.audit import audit_record, evaluate_for_audit, format_audit, write_audit
+from deepclean.data.datasets import ImageData, available_datasets, load_dataset
 from deepclean.errors import (
     CheckpointError,
     ConfigurationError,
@@ -16,7 +20,7 @@ from deepclean.errors import (
     MaskError,
     SplitMismatchError,
 )
-from deepclean.fisher import fisher_diagonal, fisher_diagonal_reference
+from deepclean.fisher.diagonal import fisher_diagonal, fisher_diagonal_reference
 from deepclean.masking import masked_finetune
 from deepclean.methods import (
     SCRUB,
@@ -39,30 +43,30 @@ from deepclean.methods import (
     reset_weights,
     true_fisher_diagonal,
 )
-from deepclean.distances import (
+from deepclean.evaluation.distances import (
     activation_distance,
     js_divergence,
     kl_divergence,
     weight_distance,
 )
-from deepclean.metrics import accuracy, entropy, entropy_mia, membership_attack, predict_proba
-from deepclean.mia import (
+from deepclean.evaluation.metrics import accuracy, entropy, entropy_mia, membership_attack, predict_proba
+from deepclean.evaluation.mia import (
     lira_mia,
     logit_confidence,
     loss_lr_mia,
     mia_efficacy,
     mia_family,
 )
-from deepclean.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
+from deepclean.data.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
 from deepclean.reproducibility import deterministic, preserve_global_rng, set_deterministic
 from deepclean.selection import mask_summary, select_weights
-from deepclean.summaries import avg_gap, relative_time_efficiency, tug_of_war
-from deepclean.splits import ForgetSplit, class_split, index_split, make_split, random_split
-from deepclean.train_fisher import TrainFisher, precompute_train_fisher
+from deepclean.evaluation.summaries import avg_gap, relative_time_efficiency, tug_of_war
+from deepclean.data.splits import ForgetSplit, class_split, index_split, make_split, random_split
+from deepclean.fisher.train_fisher import TrainFisher, precompute_train_fisher
 from deepclean.training import TrainConfig, train_model
 from deepclean.validation import check_same_split, unwrap_model
 
-__version__ = "0.1.0"
+from deepclean._version import __version__
 
 __all__ = [
     "__version__",

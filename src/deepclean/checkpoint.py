@@ -110,7 +110,7 @@ def save_tensors(
     Returns:
         The path written.
     """
-    import deepclean
+    from deepclean._version import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def save_tensors(
     meta = dict(metadata or {})
     meta.update(
         state_sha256=state_digest(state),
-        deepclean_version=deepclean.__version__,
+        deepclean_version=__version__,
         torch_version=torch.__version__,
     )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,4 +1,4 @@
-"""Command-line interface: a thin shell over :func:`deepclean.experiment.run_experiment`.
+"""Command-line interface: a thin shell over :func:`deepclean.harness.experiment.run_experiment`.
 
     deepclean run [options]       train (or reuse) original and gold models, unlearn, compare
     deepclean methods             list the unlearning methods with their references
@@ -226,7 +226,7 @@ def _add_tuned_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from deepclean.experiment import ExperimentConfig, preset
+    from deepclean.harness.experiment import ExperimentConfig, preset
     from deepclean.methods import available_methods, method_class
 
     if args.gamma is not None and (args.gamma_random is not None or args.gamma_class is not None):
@@ -299,7 +299,7 @@ def _config_from_args(args: argparse.Namespace):
     if hps:
         fields["hyperparameters"] = hps
     if getattr(args, "hp_file", None):
-        from deepclean.tuning import read_hp_files
+        from deepclean.harness.tuning import read_hp_files
 
         fields["tuned_hyperparameters"], fields["tuning_protocol"] = read_hp_files(args.hp_file)
         fields["test_half"] = "report"
@@ -323,7 +323,7 @@ def _cmd_methods() -> int:
 
 
 def _cmd_report(results_dir: str) -> int:
-    from deepclean.reporting import build_report, load_records, load_sweep_records
+    from deepclean.report.tables import build_report, load_records, load_sweep_records
 
     if not Path(results_dir).is_dir():
         raise ConfigurationError(f"{results_dir} is not a folder; pass the --out folder of a run")
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_report(args.results_dir)
         import torch
 
-        from deepclean.experiment import run_experiment
+        from deepclean.harness.experiment import run_experiment
 
         if args.threads is not None:
             if args.threads < 1:
@@ -364,13 +364,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         config = _config_from_args(args)
         if args.command == "tune":
-            from deepclean.tune_experiment import run_tuning
+            from deepclean.harness.tune import run_tuning
 
             run_tuning(config, tune_seed=args.tune_seed, n_trials=args.trials,
                        max_passes=args.max_passes)
             return 0
         if args.command == "sweep-gamma":
-            from deepclean.sweep import DEFAULT_GAMMAS, sweep_gamma
+            from deepclean.harness.sweep import DEFAULT_GAMMAS, sweep_gamma
 
             sweep_gamma(config, gammas=args.gammas or DEFAULT_GAMMAS,
                         extended=not args.paper_metrics_only)
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         records = run_experiment(config)
         print(f"results written to {config.out_dir}/ (results.md, results.csv, results.tex, "
               "tables/, figures/, report.html, results/, splits/, audit/, checkpoints/)")
-        from deepclean.experiment import failed_records
+        from deepclean.harness.experiment import failed_records
 
         failed = failed_records(records)
         if failed:

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches
+from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError
 from deepclean.progress import progress_bar
 from deepclean.selection import check_mask

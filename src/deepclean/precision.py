@@ -1,7 +1,7 @@
 """Numeric precision and memory format: bfloat16 autocast and channels-last models, for GPUs.
 
 Two options of ``deepclean run`` (``--precision``, ``--channels-last``) and of
-:class:`deepclean.experiment.ExperimentConfig` (``precision``, ``channels_last``):
+:class:`deepclean.harness.experiment.ExperimentConfig` (``precision``, ``channels_last``):
 
 - ``precision="bf16"`` runs forward passes under ``torch.autocast(dtype=torch.bfloat16)``:
   matmuls and convolutions compute in bfloat16 (8 bits of mantissa), while the parameters, their

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches, random_crop_flip
+from deepclean.data.datasets import iterate_batches, random_crop_flip
 from deepclean.errors import ConfigurationError
 from deepclean.precision import autocast, check_precision, to_input_format, to_memory_format
 from deepclean.progress import progress_bar

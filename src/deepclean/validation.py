@@ -128,7 +128,7 @@ def check_forward(model: nn.Module, x: torch.Tensor, label: str = "data") -> int
         DataError: the sample does not fit the model (wrong shape or channels), or the model does
             not return logits of shape ``(batch, K)``.
     """
-    from deepclean.fisher import eval_mode
+    from deepclean.fisher.diagonal import eval_mode
 
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches
+from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.masking import BN_STATS
 

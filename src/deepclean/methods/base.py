@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from deepclean.data import as_tensors
+from deepclean.data.datasets import as_tensors
 from deepclean.errors import ConfigurationError, DataError, DivergenceError
 from deepclean.methods.space import Param, SpaceContext
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from deepclean.errors import ConfigurationError
-from deepclean.fisher import fisher_diagonal
+from deepclean.fisher.diagonal import fisher_diagonal
 from deepclean.masking import BN_STATS, masked_finetune
 from deepclean.methods.base import (
     Unlearner,
@@ -17,7 +17,7 @@ from deepclean.methods.base import (
 )
 from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 from deepclean.selection import check_mask, mask_summary, select_weights
-from deepclean.train_fisher import TrainFisher
+from deepclean.fisher.train_fisher import TrainFisher
 from torch.utils.data import TensorDataset
 
 __all__ = ["DeepClean", "ZeroWeights", "reset_weights"]
@@ -53,7 +53,7 @@ class DeepClean(Unlearner):
         fisher_batch_size: batch size of the Fisher pass (does not change the result). Default 256.
         bn_stats: ``"update"`` (default: BatchNorm re-estimates its running statistics on D_r
             during the fine-tune) or ``"freeze"`` (BatchNorm buffers bitwise unchanged).
-        train_fisher: optional :class:`deepclean.train_fisher.TrainFisher`, I_D of this model on
+        train_fisher: optional :class:`deepclean.fisher.train_fisher.TrainFisher`, I_D of this model on
             D = D_f + D_r computed once beforehand; then only D_f gets a Fisher pass and
             ``I_Dr = (|D| I_D - |D_f| I_Df) / |D_r|`` (same diagonal up to rounding). It must
             belong to this model and exactly these samples (else ``ConfigurationError`` /

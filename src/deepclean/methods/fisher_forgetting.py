@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from deepclean.data import as_tensors
+from deepclean.data.datasets import as_tensors
 from deepclean.errors import ConfigurationError, DataError, DivergenceError
-from deepclean.fisher import eval_mode, fisher_diagonal
+from deepclean.fisher.diagonal import eval_mode, fisher_diagonal
 from deepclean.methods.base import Unlearner, check_positive, register_method
 from deepclean.methods.space import Choice, LogUniform, Param, SpaceContext
 

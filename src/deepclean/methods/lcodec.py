@@ -48,9 +48,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches
+from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError, DataError
-from deepclean.fisher import eval_mode
+from deepclean.fisher.diagonal import eval_mode
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,

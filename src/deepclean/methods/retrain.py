@@ -16,7 +16,7 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     ``reset_parameters()`` in ``modules()`` order (BatchNorm also resets its running statistics).
     The caller's global random state is left unchanged.
 
-    For the models of :mod:`deepclean.models` the result equals a fresh build with the same seed.
+    For the models of :mod:`deepclean.data.models` the result equals a fresh build with the same seed.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches
+from deepclean.data.datasets import iterate_batches
 from deepclean.masking import BN_STATS, masked_finetune
 from deepclean.methods._common import check_choice, check_fraction
 from deepclean.methods.base import (

@@ -1,7 +1,7 @@
 """Search spaces: the ranges over which ``deepclean tune`` searches a method's hyperparameters.
 
 Each method declares its space in :meth:`deepclean.methods.base.Unlearner.search_space`, built
-from the four range types here. The protocol that uses them is in :mod:`deepclean.tuning`.
+from the four range types here. The protocol that uses them is in :mod:`deepclean.harness.tuning`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches
+from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError
 from deepclean.methods.base import (
     Unlearner,

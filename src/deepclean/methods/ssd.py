@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from deepclean.errors import ConfigurationError
-from deepclean.fisher import eval_mode, fisher_diagonal
+from deepclean.fisher.diagonal import eval_mode, fisher_diagonal
 from deepclean.methods.base import (
     Unlearner,
     check_positive,

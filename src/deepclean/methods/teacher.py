@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches
+from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.masking import BN_STATS
 from deepclean.methods._common import check_choice, check_fraction, frozen_copy, set_train_mode

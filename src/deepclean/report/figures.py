@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deepclean.reporting import mean_ci
+from deepclean.report.tables import mean_ci
 
 __all__ = ["plot_method_bars", "plot_selected_vs_gamma", "plot_metrics_vs_gamma",
            "write_figures"]

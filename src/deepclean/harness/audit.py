@@ -119,10 +119,10 @@ def count_changed(
 
 
 def _versions() -> dict[str, str]:
-    import deepclean
+    from deepclean._version import __version__
 
     return {
-        "deepclean": deepclean.__version__,
+        "deepclean": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -152,7 +152,7 @@ def audit_record(
     ``acc_test``, optionally ``acc_retain`` and ``mia``) and leave ``gold_metrics`` out; the record
     then compares D_f with the test set, the never-seen reference (``acc_forget - acc_test``, and
     ``reference_metrics`` such as the MIA share of test samples called member, when given).
-    :func:`deepclean.audit.evaluate_for_audit` computes those metrics from data.
+    :func:`deepclean.harness.audit.evaluate_for_audit` computes those metrics from data.
 
     Args:
         before: the model (or state dict) that was unlearned.
@@ -255,7 +255,7 @@ def evaluate_for_audit(
         against one half of the test set and applied to the other half, i.e. the share that a
         never-seen sample is called member (what D_f should score after unlearning).
     """
-    from deepclean.metrics import accuracy, entropy_mia, predict_proba
+    from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
 
     p_f = predict_proba(model, x_forget, device=device)
     p_t = predict_proba(model, x_test, device=device)

@@ -4,7 +4,7 @@ For a run configuration (data set, model, scenarios, methods) :func:`run_tuning`
 
 1. trains the original model of the *tuning seed* (not one of the reported seeds: another
    training subset and another forget split) and, per scenario, its gold model on D_r;
-2. splits the test set into a validation half and a report half (:func:`deepclean.tuning.test_halves`);
+2. splits the test set into a validation half and a report half (:func:`deepclean.harness.tuning.test_halves`);
 3. gives each method the same number of trials over the search space it declares
    (:meth:`Unlearner.search_space`, epochs capped at ``max_passes`` passes over D_r), scoring each
    trial by Avg. Gap to the gold model over Acc_Df, Acc_Dr, Acc_val and the entropy MIA, all on
@@ -33,16 +33,16 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-import deepclean
-from deepclean import experiment as ex
+from deepclean._version import __version__
+from deepclean.harness import experiment as ex
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import ConfigurationError
-from deepclean.experiment import TEST_HALVES_SEED
+from deepclean.harness.experiment import TEST_HALVES_SEED
 from deepclean.methods import make_method, method_class
 from deepclean.methods.space import SpaceContext
-from deepclean.resume import method_key
-from deepclean.summaries import avg_gap
-from deepclean.tuning import TuneResult, test_halves, tune, write_hp_file
+from deepclean.harness.resume import method_key
+from deepclean.evaluation.summaries import avg_gap
+from deepclean.harness.tuning import TuneResult, test_halves, tune, write_hp_file
 
 __all__ = ["DEFAULT_TUNE_SEED", "TEST_HALVES_SEED", "run_tuning", "validation_score"]
 
@@ -74,7 +74,7 @@ def run_tuning(
     max_passes: int = 3,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Tune every method of ``config`` (an :class:`~deepclean.experiment.ExperimentConfig`) with
+    """Tune every method of ``config`` (an :class:`~deepclean.harness.experiment.ExperimentConfig`) with
     the same budget and write the chosen values into ``config.out_dir``.
 
     Args:
@@ -160,7 +160,7 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                                                          "methods": None},
                               "scenario": scenario, "method": name, "space": space_record,
                               "tune_seed": tune_seed, "n_trials": n_trials,
-                              "max_passes": max_passes, "version": deepclean.__version__})
+                              "max_passes": max_passes, "version": __version__})
             path = ctx.out_dir / "tuning" / f"{scenario}_{name}.json"
             done = _finished_search(path, key)
             if done is not None:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepclean.data import iterate_batches
+from deepclean.data.datasets import iterate_batches
 from deepclean.errors import DataError
-from deepclean.fisher import eval_mode
+from deepclean.fisher.diagonal import eval_mode
 from deepclean.precision import autocast
 
 __all__ = ["predict_logits", "predict_proba", "accuracy", "entropy", "entropy_mia", "membership_attack"]

@@ -7,7 +7,7 @@ machinery (and cache) as ``deepclean run``, computes I_Df and I_Dr once
 fresh copy of the original model (:meth:`DeepClean.apply_selection`). Each gamma is evaluated like
 a method of the run (paper metrics, gaps to gold, optionally the MIA family and distances) and
 written to ``<out_dir>/sweep/<dataset>_<model>_<scenario>_seed<seed>_gamma<gamma>.json``; the
-figures and the HTML report are then rebuilt (:func:`deepclean.reporting.build_report`).
+figures and the HTML report are then rebuilt (:func:`deepclean.report.tables.build_report`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def sweep_gamma(
     """Run DeepClean for every gamma of ``gammas`` on every (seed, model, scenario) of ``config``.
 
     Args:
-        config: an :class:`deepclean.experiment.ExperimentConfig` (its ``methods`` are ignored;
+        config: an :class:`deepclean.harness.experiment.ExperimentConfig` (its ``methods`` are ignored;
             DeepClean's other hyperparameters come from ``unlearn_epochs``, ``unlearn_lr`` and
             ``hyperparameters["deepclean"]``).
         gammas: thresholds, each > 0.
@@ -56,7 +56,7 @@ def sweep_gamma(
     Raises:
         ConfigurationError: an empty or non-positive gamma list, or an invalid configuration.
     """
-    from deepclean.experiment import out_dir_lock
+    from deepclean.harness.experiment import out_dir_lock
 
     gammas = tuple(float(g) for g in gammas)
     if not gammas or not all(g > 0 for g in gammas):
@@ -68,7 +68,7 @@ def sweep_gamma(
 
 def _sweep_locked(config: Any, gammas: tuple[float, ...], *, extended: bool,
                   log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from deepclean.experiment import (
+    from deepclean.harness.experiment import (
         _evaluator,
         _gaps,
         _make_context,
@@ -79,8 +79,8 @@ def _sweep_locked(config: Any, gammas: tuple[float, ...], *, extended: bool,
         _training_subset,
         _write_json,
     )
-    from deepclean.reporting import build_report
-    from deepclean.summaries import summary
+    from deepclean.report.tables import build_report
+    from deepclean.evaluation.summaries import summary
     from deepclean.training import synchronize
 
     ctx = _make_context(config, log)

@@ -137,7 +137,7 @@ class TrainFisher:
 
         Args:
             model: the model I_Df was computed on; must be the one I_D was computed on.
-            fisher_forget: I_Df (:func:`deepclean.fisher.fisher_diagonal` on D_f), same keys.
+            fisher_forget: I_Df (:func:`deepclean.fisher.diagonal.fisher_diagonal` on D_f), same keys.
             xf, yf: D_f. xr, yr: D_r (inputs ``(N, ...)``, integer labels ``(N,)``).
             check: run :meth:`check` first (skip only when it already passed for these inputs).
 
@@ -202,7 +202,7 @@ def precompute_train_fisher(
     batch_size: int = 256,
     device: torch.device | str | None = None,
 ) -> TrainFisher:
-    """Compute I_D on the whole training set D once (:func:`deepclean.fisher.fisher_diagonal`).
+    """Compute I_D on the whole training set D once (:func:`deepclean.fisher.diagonal.fisher_diagonal`).
 
     Pass the result to ``DeepClean(train_fisher=...)`` (or ``ZeroWeights``): each unlearning
     request then runs the Fisher pass over D_f only and takes I_Dr from
@@ -211,7 +211,7 @@ def precompute_train_fisher(
     Args:
         model: the trained model, not modified.
         data: D, a ``Dataset`` of ``(x, y)`` pairs.
-        batch_size, device: as for :func:`deepclean.fisher.fisher_diagonal`.
+        batch_size, device: as for :func:`deepclean.fisher.diagonal.fisher_diagonal`.
 
     Returns:
         A :class:`TrainFisher` with float64 diagonals and ``time_s`` in seconds.
@@ -219,10 +219,10 @@ def precompute_train_fisher(
     Raises:
         ConfigurationError: ``model`` is not a module with trainable parameters.
         DataError: ``data`` is not a data set of ``(x, y)`` pairs; and the other errors of
-            :func:`deepclean.fisher.fisher_diagonal`.
+            :func:`deepclean.fisher.diagonal.fisher_diagonal`.
     """
-    from deepclean.data import as_tensors
-    from deepclean.fisher import fisher_diagonal
+    from deepclean.data.datasets import as_tensors
+    from deepclean.fisher.diagonal import fisher_diagonal
     from deepclean.training import synchronize
     from deepclean.validation import check_trainable
 

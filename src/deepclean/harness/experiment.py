@@ -7,8 +7,8 @@
 3. retrains the gold model from scratch on D_r with the same recipe (or reuses a cached one),
 4. runs each unlearning method on the original model and times the unlearning step alone,
 5. evaluates every model (Acc_Dr, Acc_Df, Acc_test, the paper's entropy MIA, gaps to gold; the
-   MIA family of :mod:`deepclean.mia`, the distances to gold of :mod:`deepclean.distances` and the
-   summaries of :mod:`deepclean.summaries`) and writes one JSON file per (dataset, model,
+   MIA family of :mod:`deepclean.evaluation.mia`, the distances to gold of :mod:`deepclean.evaluation.distances` and the
+   summaries of :mod:`deepclean.evaluation.summaries`) and writes one JSON file per (dataset, model,
    scenario, method, seed), plus the tables, figures and HTML report (:func:`build_report`).
 
 Cached models live under ``cache_dir`` with a key of everything that determines them (data set,
@@ -42,27 +42,27 @@ from deepclean.checkpoint import (
     save_checkpoint,
     strip_module_prefix,
 )
-from deepclean.data import ImageData, load_dataset
+from deepclean.data.datasets import ImageData, load_dataset
 from deepclean.errors import CheckpointError, ConfigurationError, DivergenceError
-from deepclean.evaluation import (
+from deepclean.evaluation.outputs import (
     ModelOutputs,
     build_reference,
     extended_metrics,
     model_outputs,
 )
 from deepclean.methods import make_method, method_class
-from deepclean.metrics import accuracy, entropy_mia, predict_proba
-from deepclean.models import available_models, build_model
+from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
+from deepclean.data.models import available_models, build_model
 from deepclean.precision import (
     autocast,
     check_channels_last,
     check_precision,
     to_memory_format,
 )
-from deepclean.splits import SCENARIOS, ForgetSplit, make_split
-from deepclean.summaries import summary as summary_of
+from deepclean.data.splits import SCENARIOS, ForgetSplit, make_split
+from deepclean.evaluation.summaries import summary as summary_of
 from deepclean.training import TrainConfig, resolve_device, synchronize, train_model
-from deepclean.audit import utc_now
+from deepclean.harness.audit import utc_now
 
 __all__ = [
     "ExperimentConfig",
@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 PRESETS = ("default", "paper")
-#: Seed of the validation/report split of the test set (:func:`deepclean.tuning.test_halves`).
+#: Seed of the validation/report split of the test set (:func:`deepclean.harness.tuning.test_halves`).
 TEST_HALVES_SEED = 0
 
 
@@ -107,12 +107,12 @@ class ExperimentConfig:
         hyperparameters: per-method overrides ``{method: {name: value}}`` (``--hp``); they win
             over tuned values.
         tuned_hyperparameters: values chosen by ``deepclean tune``, ``{scenario: {method: {name:
-            value}}}`` (``--hp-file``, :func:`deepclean.tuning.read_hp_file`); every result
+            value}}}`` (``--hp-file``, :func:`deepclean.harness.tuning.read_hp_file`); every result
             records ``hp_source`` ("defaults", "tuned", "user" or "tuned+user").
         tuning_protocol: the protocol record of the hyperparameter file (its tuning seed, which
             must not be a reported seed).
         test_half: ``"all"`` (default) evaluates on the whole test set; ``"report"`` on the half
-            that tuning never sees (:func:`deepclean.tuning.test_halves`). Required with tuned
+            that tuning never sees (:func:`deepclean.harness.tuning.test_halves`). Required with tuned
             hyperparameters.
         out_dir: where results, tables, manifests and checkpoints go.
         cache_dir: where trained original and gold models are cached.
@@ -128,7 +128,7 @@ class ExperimentConfig:
         deterministic: run under :func:`deepclean.set_deterministic` (``warn_only``), for
             reproducible results on CUDA.
         precompute_fisher: compute the original model's Fisher diagonal on the whole training
-            set once (cached with the model; :mod:`deepclean.train_fisher`) and give it to
+            set once (cached with the model; :mod:`deepclean.fisher.train_fisher`) and give it to
             DeepClean and Zero Weights, whose timed step then runs the Fisher pass over D_f only
             (I_Dr follows exactly). Its one-off time is recorded as ``precompute_time_s``.
             Default False: both Fisher passes are timed, as in the paper.
@@ -480,7 +480,7 @@ def _train_or_load(
     }
     key = _key(payload)
     path = ctx.cache_dir / f"{kind}-{cfg.dataset}-{model_name}-{key}.safetensors"
-    from deepclean.locking import exclusive_lock
+    from deepclean.harness.locking import exclusive_lock
 
     # a second process that needs the same model waits here and then reuses it
     with exclusive_lock(path, purpose=f"training the {kind} model", wait=True):
@@ -535,9 +535,9 @@ def evaluate_model(
 
     Args:
         outputs: the model's logits on ``x_train`` and ``x_test`` when already computed
-            (:func:`deepclean.evaluation.model_outputs`); the same softmax is applied.
+            (:func:`deepclean.evaluation.outputs.model_outputs`); the same softmax is applied.
         precision: ``"fp32"`` or ``"bf16"``: the forward passes when ``outputs`` is not given
-            (:func:`deepclean.metrics.predict_logits`; the logits are float32 either way).
+            (:func:`deepclean.evaluation.metrics.predict_logits`; the logits are float32 either way).
 
     Returns:
         ``acc_retain``, ``acc_forget``, ``acc_test`` (accuracy in % on D_r, D_f, test) and ``mia``
@@ -607,7 +607,7 @@ def run_experiment(
     The caller's global random states (torch, NumPy, Python) are the same afterwards; with
     ``config.deterministic`` the run is under :func:`deepclean.reproducibility.deterministic`.
     An interrupted run started again with the same configuration and ``out_dir`` resumes: cached
-    models and finished method results are reused (:mod:`deepclean.resume`).
+    models and finished method results are reused (:mod:`deepclean.harness.resume`).
     """
     from deepclean.reproducibility import deterministic, preserve_global_rng
 
@@ -618,10 +618,10 @@ def run_experiment(
 
 
 def out_dir_lock(out_dir: str | Path, purpose: str):
-    """An exclusive lock on an output folder (:func:`deepclean.locking.exclusive_lock`): a second
+    """An exclusive lock on an output folder (:func:`deepclean.harness.locking.exclusive_lock`): a second
     process writing into the same ``--out`` is refused at once (``BusyError``) instead of mixing
     its results with the first one's. A path that is a file is left to the folder checks."""
-    from deepclean.locking import exclusive_lock
+    from deepclean.harness.locking import exclusive_lock
 
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
@@ -641,10 +641,10 @@ def _run_experiment(
     - ``splits/<dataset>_<scenario>_seed<seed>.json``: the split manifest (forget indices);
     - ``checkpoints/<...>.safetensors``: every model evaluated;
     - ``results.md``, ``results.csv``, ``tables/``, ``figures/``, ``report.html``: tables,
-      figures and the report (:func:`deepclean.reporting.build_report`).
+      figures and the report (:func:`deepclean.report.tables.build_report`).
 
     Each record holds, besides ``metrics`` and ``gaps``, ``mia_family`` (the four attacks of
-    :func:`deepclean.mia.mia_family`), ``distances`` (:func:`deepclean.distances.distances_to_gold`)
+    :func:`deepclean.evaluation.mia.mia_family`), ``distances`` (:func:`deepclean.evaluation.distances.distances_to_gold`)
     and ``summary`` (Avg. Gap, tug of war, RTE).
     - ``audit/<...>.json`` and ``.txt``: the audit record of every unlearning.
 
@@ -657,9 +657,9 @@ def _run_experiment(
             training starts.
         SplitMismatchError: a gold model recorded for another split.
     """
-    from deepclean.reporting import build_report
+    from deepclean.report.tables import build_report
 
-    from deepclean.resume import (
+    from deepclean.harness.resume import (
         check_cache_dir,
         check_out_dir,
         check_writable,
@@ -861,7 +861,7 @@ def failed_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("status") == "failed"]
 
 
-# --- shared with the gamma sweep (deepclean.sweep): data, original, split, gold, evaluation ---
+# --- shared with the gamma sweep (deepclean.harness.sweep): data, original, split, gold, evaluation ---
 
 
 def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Context:
@@ -871,7 +871,7 @@ def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Cont
     check_precision(config.precision, device)
     data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     if config.test_half == "report":
-        from deepclean.tuning import test_halves
+        from deepclean.harness.tuning import test_halves
 
         _, report = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
         data = replace(data, test_x=data.test_x[report], test_y=data.test_y[report])
@@ -908,7 +908,7 @@ def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
                   y_train: torch.Tensor) -> Any:
     """With ``precompute_fisher``, I_D of the original model on its training set, from the cache
     (next to the model, keyed by it) or computed and cached; else None."""
-    from deepclean.train_fisher import TrainFisher, model_digest, precompute_train_fisher
+    from deepclean.fisher.train_fisher import TrainFisher, model_digest, precompute_train_fisher
 
     cfg = ctx.cfg
     if not cfg.precompute_fisher or not any(m in fisher_methods() for m in cfg.methods):
@@ -1025,20 +1025,20 @@ def _check_gold_split(gold_meta: dict[str, Any], split: ForgetSplit) -> None:
 
 def _resume_key(base: dict[str, Any], original_sha: str, method: str,
                 hyperparameters: dict[str, Any]) -> str:
-    """Hash of everything one method's result depends on (see :mod:`deepclean.resume`)."""
-    import deepclean
-    from deepclean.resume import method_key
+    """Hash of everything one method's result depends on (see :mod:`deepclean.harness.resume`)."""
+    from deepclean._version import __version__
+    from deepclean.harness.resume import method_key
 
     return method_key({
         "base": {k: v for k, v in base.items() if k not in ("gold_metrics", "gold_time_s")},
         "original_sha256": original_sha, "method": method, "hyperparameters": hyperparameters,
-        "deepclean_version": deepclean.__version__,
+        "deepclean_version": __version__,
     })
 
 
 def _reuse_finished(ctx: _Context, name: str, key: str) -> dict[str, Any] | None:
     """The finished result ``name`` of an earlier run with the same key, else ``None``."""
-    from deepclean.resume import load_finished
+    from deepclean.harness.resume import load_finished
 
     record, why = load_finished(
         ctx.out_dir / "results" / f"{name}.json",
@@ -1053,7 +1053,7 @@ def _reuse_finished(ctx: _Context, name: str, key: str) -> dict[str, Any] | None
 def _write_audit(ctx: _Context, name: str, audit: dict[str, Any], *, original: torch.nn.Module,
                  unlearned: torch.nn.Module, split: ForgetSplit, metrics: dict[str, float],
                  gold_metrics: dict[str, float], rec: dict[str, Any]) -> None:
-    from deepclean.audit import audit_record, write_audit
+    from deepclean.harness.audit import audit_record, write_audit
 
     report = audit_record(
         before=original, after=unlearned, forget_indices=split.forget, n_train=split.n,

@@ -1,6 +1,6 @@
 """The full evaluation of one model against gold: the MIA family and the distances to gold.
 
-The harness (:mod:`deepclean.experiment`) and the gamma sweep (:mod:`deepclean.sweep`) build one
+The harness (:mod:`deepclean.harness.experiment`) and the gamma sweep (:mod:`deepclean.harness.sweep`) build one
 :class:`GoldReference` per (seed, model, scenario) (the gold model, the original model and any
 extra gold models from other seeds, with their outputs computed once) and call
 :func:`extended_metrics` for every evaluated model. Each model's logits on the training subset and
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepclean.distances import distances_to_gold
-from deepclean.mia import mia_family, predict_logits
-from deepclean.splits import ForgetSplit
+from deepclean.evaluation.distances import distances_to_gold
+from deepclean.evaluation.mia import mia_family, predict_logits
+from deepclean.data.splits import ForgetSplit
 
 __all__ = ["ModelOutputs", "model_outputs", "GoldReference", "build_reference",
            "extended_metrics"]
@@ -43,7 +43,7 @@ def model_outputs(model: nn.Module, x_train: torch.Tensor, x_test: torch.Tensor,
                   device: torch.device | str | None = None, *,
                   precision: str = "fp32") -> ModelOutputs:
     """Logits (float32) of ``model`` (eval mode) on ``x_train`` and ``x_test``, the forward passes
-    in ``precision`` (``"fp32"`` or ``"bf16"``, see :func:`deepclean.metrics.predict_logits`)."""
+    in ``precision`` (``"fp32"`` or ``"bf16"``, see :func:`deepclean.evaluation.metrics.predict_logits`)."""
     return ModelOutputs(predict_logits(model, x_train, device=device, precision=precision),
                         predict_logits(model, x_test, device=device, precision=precision))
 

@@ -56,7 +56,7 @@ from torch.nn.utils import parametrize
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.data import Dataset
 
-from deepclean.data import as_tensors, iterate_batches
+from deepclean.data.datasets import as_tensors, iterate_batches
 from deepclean.errors import ConfigurationError, DataError
 
 __all__ = ["fisher_diagonal", "fisher_diagonal_reference", "eval_mode"]

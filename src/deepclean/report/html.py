@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
-from deepclean.reporting import _get, mean_ci, precompute_note
+from deepclean.report.tables import _get, mean_ci, precompute_note
 
 __all__ = ["render_html_report", "write_html_report", "REPORT_METRICS"]
 

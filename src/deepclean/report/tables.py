@@ -11,8 +11,8 @@ half-width of the 95 % t-interval over seeds.
 
 :func:`build_report` (``deepclean report RESULTS_DIR``) rebuilds everything from the files:
 ``results.md`` / ``.csv`` / ``.tex`` (paper layout), ``tables/<name>.{md,csv,tex}`` for every
-table, ``figures/*.png`` and ``.svg`` (:mod:`deepclean.figures`), and ``report.html``
-(:mod:`deepclean.html_report`).
+table, ``figures/*.png`` and ``.svg`` (:mod:`deepclean.report.figures`), and ``report.html``
+(:mod:`deepclean.report.html`).
 """
 
 from __future__ import annotations
@@ -431,8 +431,8 @@ def build_report(results_dir: str | Path, *, records: list[dict[str, Any]] | Non
     Returns:
         The Markdown of the tables.
     """
-    from deepclean.figures import write_figures
-    from deepclean.html_report import write_html_report
+    from deepclean.report.figures import write_figures
+    from deepclean.report.html import write_html_report
 
     results_dir = Path(results_dir)
     if records is None:

@@ -6,7 +6,7 @@ retrained without D_f), not 0 or 100: a score far below gold's ("over-unlearning
 reveals that D_f was removed) is as bad as one far above it. And each attack is scored only on
 samples it was not fitted on:
 
-(a) :func:`entropy_lr_mia`: the paper's attack (:func:`deepclean.metrics.entropy_mia`): balanced
+(a) :func:`entropy_lr_mia`: the paper's attack (:func:`deepclean.evaluation.metrics.entropy_mia`): balanced
     logistic regression on the softmax entropy, fitted on D_r (member) vs test (non-member); the
     share (%) of D_f called *member*. Ideal: gold's value. Scored on D_f only.
 (b) :func:`mia_efficacy`: "MIA-efficacy" (Jia et al., NeurIPS 2023; SalUn, ICLR 2024): an RBF SVC
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from deepclean.errors import DataError
-from deepclean.metrics import entropy_mia, predict_logits
+from deepclean.evaluation.metrics import entropy_mia, predict_logits
 
 __all__ = [
     "DIRECTIONS",
@@ -117,7 +117,7 @@ def entropy_lr_mia(
 ) -> float:
     """(a) The paper's entropy attack: % of D_f called member. Ideal: the gold model's value.
 
-    Same function as :func:`deepclean.metrics.entropy_mia` (fitted on D_r vs test with balanced
+    Same function as :func:`deepclean.evaluation.metrics.entropy_mia` (fitted on D_r vs test with balanced
     class weights, scored on D_f only).
     """
     return entropy_mia(probs_retain, probs_test, probs_forget)

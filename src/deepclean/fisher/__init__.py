@@ -1,0 +1,20 @@
+"""The empirical Fisher diagonal (paper eq. 1): the exact per-sample pass, its float64 reference,
+and the training-set Fisher computed once per model."""
+
+from deepclean.fisher.diagonal import eval_mode, fisher_diagonal, fisher_diagonal_reference
+from deepclean.fisher.train_fisher import (
+    TrainFisher,
+    model_digest,
+    precompute_train_fisher,
+    sample_digests,
+)
+
+__all__ = [
+    "TrainFisher",
+    "eval_mode",
+    "fisher_diagonal",
+    "fisher_diagonal_reference",
+    "model_digest",
+    "precompute_train_fisher",
+    "sample_digests",
+]

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from deepclean._torch import strip_module_prefix, unwrap_model
 from deepclean.errors import CheckpointError
 
 __all__ = [
@@ -72,30 +73,12 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-#: Key prefixes of wrapped models: DataParallel / DistributedDataParallel, torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the ``module.`` (DataParallel / DistributedDataParallel) and ``_orig_mod.``
-    (``torch.compile``) prefixes that every key carries, nested in any order."""
-    changed = True
-    while state and changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any] | None = None) -> Path:
     """Save ``model``'s state dict (without any ``module.`` prefix) and ``metadata`` atomically.
 
     Returns:
         The path written.
     """
-    from deepclean.validation import unwrap_model
 
     return save_tensors(path, strip_module_prefix(unwrap_model(model).state_dict()), metadata)
 
@@ -184,7 +167,6 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
         CheckpointError: unreadable file, or keys/shapes that do not match the model (the message
             lists missing and unexpected keys).
     """
-    from deepclean.validation import unwrap_model
 
     path = Path(path)
     if path.suffix in (".pt", ".pth", ".bin"):

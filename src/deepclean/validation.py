@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from deepclean._torch import eval_mode, strip_module_prefix, unwrap_model
 from deepclean.errors import ConfigurationError, DataError, MaskError, SplitMismatchError
 
 __all__ = [
@@ -33,32 +34,6 @@ __all__ = [
     "check_parameter_keys",
     "check_same_split",
 ]
-
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-
-
-def _compiled_inner(model: nn.Module) -> nn.Module | None:
-    """The module that ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else None.
-    Recognised by class name so that torch._dynamo is never imported here."""
-    inner = getattr(model, "_orig_mod", None)
-    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-        return inner
-    return None
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel and ``torch.compile`` wrappers
-    (nested in any order); any other model unchanged. Its parameter names carry no ``module.``
-    or ``_orig_mod.`` prefix."""
-    while True:
-        if isinstance(model, _WRAPPERS):
-            model = model.module
-            continue
-        inner = _compiled_inner(model)
-        if inner is None:
-            return model
-        model = inner
-
 
 def check_trainable(model: Any) -> None:
     """Raise unless ``model`` is an ``nn.Module`` with at least one trainable parameter.
@@ -128,7 +103,6 @@ def check_forward(model: nn.Module, x: torch.Tensor, label: str = "data") -> int
         DataError: the sample does not fit the model (wrong shape or channels), or the model does
             not return logits of shape ``(batch, K)``.
     """
-    from deepclean.fisher.diagonal import eval_mode
 
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -277,7 +251,6 @@ def check_parameter_keys(
     Raises:
         MaskError: missing or unexpected names, or a shape mismatch.
     """
-    from deepclean.checkpoint import strip_module_prefix
 
     params = {n: p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
     given = strip_module_prefix(dict(tensors))

@@ -47,15 +47,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
+from deepclean._torch import eval_mode
 from deepclean.data.datasets import as_tensors, iterate_batches
 from deepclean.errors import ConfigurationError, DataError
 
@@ -79,18 +78,6 @@ CONV_UNFOLD_CHUNK = 16
 CONV_SAMPLE_BUFFER = 262_144
 # Largest intermediate block (in elements) formed at once by the matmul paths.
 CONV_BLOCK_ELEMENTS = 8_000_000
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own ``training`` flag afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
 
 
 def _check_model(model: nn.Module) -> None:

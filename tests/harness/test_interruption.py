@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed"
 )
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 ARGS = ["--model", "small_cnn", "--width", "0.25", "--train-size", "600", "--epochs", "2",
         "--unlearn-epochs", "1", "--scenarios", "random,class", "--methods", "deepclean,finetune",
         "--device", "cpu", "--threads", "1", "--no-progress"]

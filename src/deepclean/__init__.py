@@ -9,8 +9,10 @@ from deepclean import _compat
 
 _compat.install()
 
-from deepclean.harness.audit import audit_record, evaluate_for_audit, format_audit, write_audit
+from deepclean._version import __version__
 from deepclean.data.datasets import ImageData, available_datasets, load_dataset
+from deepclean.data.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
+from deepclean.data.splits import ForgetSplit, class_split, index_split, make_split, random_split
 from deepclean.errors import (
     CheckpointError,
     ConfigurationError,
@@ -20,21 +22,44 @@ from deepclean.errors import (
     MaskError,
     SplitMismatchError,
 )
+from deepclean.evaluation.distances import (
+    activation_distance,
+    js_divergence,
+    kl_divergence,
+    weight_distance,
+)
+from deepclean.evaluation.metrics import (
+    accuracy,
+    entropy,
+    entropy_mia,
+    membership_attack,
+    predict_proba,
+)
+from deepclean.evaluation.mia import (
+    lira_mia,
+    logit_confidence,
+    loss_lr_mia,
+    mia_efficacy,
+    mia_family,
+)
+from deepclean.evaluation.summaries import avg_gap, relative_time_efficiency, tug_of_war
 from deepclean.fisher.diagonal import fisher_diagonal, fisher_diagonal_reference
+from deepclean.fisher.train_fisher import TrainFisher, precompute_train_fisher
+from deepclean.harness.audit import audit_record, evaluate_for_audit, format_audit, write_audit
 from deepclean.masking import masked_finetune
 from deepclean.methods import (
     SCRUB,
+    SSD,
     BadTeacher,
     DeepClean,
     FineTune,
-    NegGrad,
-    RandomLabel,
-    SalUn,
     FisherForgetting,
     LCodec,
+    NegGrad,
+    RandomLabel,
     Retrain,
+    SalUn,
     SparseMU,
-    SSD,
     Unlearner,
     ZeroWeights,
     available_methods,
@@ -43,30 +68,10 @@ from deepclean.methods import (
     reset_weights,
     true_fisher_diagonal,
 )
-from deepclean.evaluation.distances import (
-    activation_distance,
-    js_divergence,
-    kl_divergence,
-    weight_distance,
-)
-from deepclean.evaluation.metrics import accuracy, entropy, entropy_mia, membership_attack, predict_proba
-from deepclean.evaluation.mia import (
-    lira_mia,
-    logit_confidence,
-    loss_lr_mia,
-    mia_efficacy,
-    mia_family,
-)
-from deepclean.data.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
 from deepclean.reproducibility import deterministic, preserve_global_rng, set_deterministic
 from deepclean.selection import mask_summary, select_weights
-from deepclean.evaluation.summaries import avg_gap, relative_time_efficiency, tug_of_war
-from deepclean.data.splits import ForgetSplit, class_split, index_split, make_split, random_split
-from deepclean.fisher.train_fisher import TrainFisher, precompute_train_fisher
 from deepclean.training import TrainConfig, train_model
 from deepclean.validation import check_same_split, unwrap_model
-
-from deepclean._version import __version__
 
 __all__ = [
     "__version__",

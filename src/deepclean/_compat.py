@@ -27,7 +27,7 @@ MOVED = {
     "deepclean.resume": "deepclean.harness.resume",
     "deepclean.audit": "deepclean.harness.audit",
     "deepclean.locking": "deepclean.harness.locking",
-    "deepclean.reporting": "deepclean.report.tables",
+    "deepclean.reporting": "deepclean.report",
     "deepclean.figures": "deepclean.report.figures",
     "deepclean.html_report": "deepclean.report.html",
 }

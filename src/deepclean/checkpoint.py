@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deepclean._torch import strip_module_prefix, unwrap_model
+from deepclean._version import __version__
 from deepclean.errors import CheckpointError
 
 __all__ = [
@@ -93,7 +94,6 @@ def save_tensors(
     Returns:
         The path written.
     """
-    from deepclean._version import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -323,7 +323,8 @@ def _cmd_methods() -> int:
 
 
 def _cmd_report(results_dir: str) -> int:
-    from deepclean.report.tables import build_report, load_records, load_sweep_records
+    from deepclean.report.build import build_report
+    from deepclean.report.tables import load_records, load_sweep_records
 
     if not Path(results_dir).is_dir():
         raise ConfigurationError(f"{results_dir} is not a folder; pass the --out folder of a run")

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepclean.errors import ConfigurationError
+
 __all__ = ["set_deterministic", "deterministic", "preserve_global_rng", "CUBLAS_WORKSPACE"]
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -48,7 +50,6 @@ def set_deterministic(enabled: bool = True, *, warn_only: bool = False) -> dict[
         "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
     if not isinstance(enabled, bool):
-        from deepclean.errors import ConfigurationError
 
         raise ConfigurationError(f"enabled must be True or False, got {enabled!r}")
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

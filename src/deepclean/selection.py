@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from deepclean.checkpoint import strip_module_prefix
 from deepclean.errors import MaskError
+from deepclean.validation import check_gamma
 
 __all__ = ["select_weights", "mask_summary", "check_mask"]
 
@@ -42,8 +44,6 @@ def select_weights(
         MaskError: the two dictionaries have different keys or shapes, or hold negative or NaN
             values.
     """
-    from deepclean.checkpoint import strip_module_prefix
-    from deepclean.validation import check_gamma
 
     check_gamma(gamma)
     for label, d in (("forget", fisher_forget), ("retain", fisher_retain)):

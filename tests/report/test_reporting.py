@@ -9,7 +9,7 @@ import pytest
 from deepclean.cli import main
 from deepclean.report.figures import write_figures
 from deepclean.report.html import render_html_report
-from deepclean.report.tables import (
+from deepclean.report import (
     build_report,
     csv_table,
     latex_tables,

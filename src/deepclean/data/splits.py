@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from deepclean.errors import DataError
+from deepclean.validation import check_index_values
 
 __all__ = ["ForgetSplit", "random_split", "class_split", "index_split", "make_split", "SCENARIOS"]
 
@@ -94,7 +95,6 @@ def class_split(labels: torch.Tensor, classes: Sequence[int]) -> ForgetSplit:
     Raises:
         DataError: no class given, a class with no sample, or every sample selected.
     """
-    from deepclean.validation import check_index_values
 
     classes = sorted(set(check_index_values(list(classes), "forget classes")))
     if not classes:
@@ -122,7 +122,6 @@ def index_split(n: int, indices: Sequence[int]) -> ForgetSplit:
     Raises:
         DataError: empty request, an index outside ``[0, n)``, a duplicate, or every sample.
     """
-    from deepclean.validation import check_index_values
 
     if isinstance(indices, (str, bytes)):
         raise DataError(

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepclean.data.splits import ForgetSplit
 from deepclean.evaluation.distances import distances_to_gold
 from deepclean.evaluation.mia import mia_family, predict_logits
-from deepclean.data.splits import ForgetSplit
 
 __all__ = ["ModelOutputs", "model_outputs", "GoldReference", "build_reference",
            "extended_metrics"]

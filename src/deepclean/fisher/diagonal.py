@@ -57,6 +57,13 @@ from torch.utils.data import Dataset
 from deepclean._torch import eval_mode
 from deepclean.data.datasets import as_tensors, iterate_batches
 from deepclean.errors import ConfigurationError, DataError
+from deepclean.validation import (
+    check_forward,
+    check_inputs,
+    check_trainable,
+    check_unique,
+    unwrap_model,
+)
 
 __all__ = ["fisher_diagonal", "fisher_diagonal_reference", "eval_mode"]
 
@@ -577,13 +584,6 @@ def fisher_diagonal(
             running statistics, or a
             parameterised module that does not take and return a single tensor.
     """
-    from deepclean.validation import (
-        check_forward,
-        check_inputs,
-        check_trainable,
-        check_unique,
-        unwrap_model,
-    )
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")

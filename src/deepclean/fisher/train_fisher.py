@@ -28,7 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from deepclean.checkpoint import load_checkpoint, save_tensors, state_digest, strip_module_prefix
+from deepclean.data.datasets import as_tensors
 from deepclean.errors import CheckpointError, ConfigurationError, SplitMismatchError
+from deepclean.fisher.diagonal import fisher_diagonal
+from deepclean.training import synchronize
+from deepclean.validation import check_trainable, unwrap_model
 
 __all__ = ["TrainFisher", "model_digest", "precompute_train_fisher", "sample_digests"]
 
@@ -63,8 +68,6 @@ def sample_digests(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def model_digest(model: nn.Module) -> str:
     """SHA-256 of the model's state dict (parameters and buffers; no ``module.`` prefix)."""
-    from deepclean.checkpoint import state_digest, strip_module_prefix
-    from deepclean.validation import unwrap_model
 
     return state_digest(strip_module_prefix(unwrap_model(model).state_dict()))
 
@@ -166,7 +169,6 @@ class TrainFisher:
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
         """Write to one safetensors file atomically (with a hash of every tensor)."""
-        from deepclean.checkpoint import save_tensors
 
         tensors = {f"fisher/{k}": v for k, v in self.fisher.items()} | {"digests": self.digests}
         meta = dict(metadata or {}) | {"kind": "train_fisher", "n_samples": self.n_samples,
@@ -180,7 +182,6 @@ class TrainFisher:
         Raises:
             CheckpointError: missing, truncated or altered file, or not a training-set Fisher.
         """
-        from deepclean.checkpoint import load_checkpoint
 
         state, meta = load_checkpoint(path)
         if meta.get("kind") != "train_fisher" or "digests" not in state:
@@ -221,10 +222,6 @@ def precompute_train_fisher(
         DataError: ``data`` is not a data set of ``(x, y)`` pairs; and the other errors of
             :func:`deepclean.fisher.diagonal.fisher_diagonal`.
     """
-    from deepclean.data.datasets import as_tensors
-    from deepclean.fisher.diagonal import fisher_diagonal
-    from deepclean.training import synchronize
-    from deepclean.validation import check_trainable
 
     check_trainable(model)
     x, y = as_tensors(data)

@@ -30,8 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepclean._version import __version__
 from deepclean.checkpoint import atomic_write_text, state_digest, strip_module_prefix
 from deepclean.errors import ConfigurationError
+from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
+from deepclean.validation import unwrap_model
 
 __all__ = [
     "audit_record",
@@ -62,7 +65,6 @@ def indices_digest(indices: Sequence[int] | torch.Tensor, n: int | None = None) 
 
 
 def _state(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from deepclean.validation import unwrap_model
 
     if isinstance(model_or_state, nn.Module):
         return strip_module_prefix(unwrap_model(model_or_state).state_dict())
@@ -91,7 +93,6 @@ def count_changed(
             f"({sorted(set(a) ^ set(b))[:5]}); expected the same architecture"
         )
     if isinstance(before, nn.Module):
-        from deepclean.validation import unwrap_model
 
         params = {n for n, _ in unwrap_model(before).named_parameters()}
     else:
@@ -119,7 +120,6 @@ def count_changed(
 
 
 def _versions() -> dict[str, str]:
-    from deepclean._version import __version__
 
     return {
         "deepclean": __version__,
@@ -255,7 +255,6 @@ def evaluate_for_audit(
         against one half of the test set and applied to the other half, i.e. the share that a
         never-seen sample is called member (what D_f should score after unlearning).
     """
-    from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
 
     p_f = predict_proba(model, x_forget, device=device)
     p_t = predict_proba(model, x_test, device=device)

@@ -27,8 +27,8 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,33 +36,49 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from deepclean._version import __version__
 from deepclean.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     save_checkpoint,
+    state_digest,
     strip_module_prefix,
 )
 from deepclean.data.datasets import ImageData, load_dataset
-from deepclean.errors import CheckpointError, ConfigurationError, DivergenceError
+from deepclean.data.models import available_models, build_model
+from deepclean.data.splits import SCENARIOS, ForgetSplit, make_split
+from deepclean.errors import CheckpointError, ConfigurationError, DataError, DivergenceError
+from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
 from deepclean.evaluation.outputs import (
     ModelOutputs,
     build_reference,
     extended_metrics,
     model_outputs,
 )
-from deepclean.methods import make_method, method_class
-from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
-from deepclean.data.models import available_models, build_model
+from deepclean.evaluation.summaries import summary as summary_of
+from deepclean.fisher.train_fisher import TrainFisher, model_digest, precompute_train_fisher
+from deepclean.harness.audit import audit_record, utc_now, write_audit
+from deepclean.harness.locking import exclusive_lock
+from deepclean.harness.resume import (
+    check_cache_dir,
+    check_out_dir,
+    check_writable,
+    load_finished,
+    method_key,
+    remove_stale_temporaries,
+)
+from deepclean.harness.tuning import test_halves
+from deepclean.methods import available_methods, make_method, method_class
 from deepclean.precision import (
     autocast,
     check_channels_last,
     check_precision,
     to_memory_format,
 )
-from deepclean.data.splits import SCENARIOS, ForgetSplit, make_split
-from deepclean.evaluation.summaries import summary as summary_of
+from deepclean.report.build import build_report
+from deepclean.reproducibility import deterministic, preserve_global_rng
 from deepclean.training import TrainConfig, resolve_device, synchronize, train_model
-from deepclean.harness.audit import utc_now
+from deepclean.validation import check_gamma, check_index_values, check_same_split
 
 __all__ = [
     "ExperimentConfig",
@@ -286,7 +302,6 @@ def hp_source(cfg: ExperimentConfig, name: str, scenario: str) -> str:
 
 def _validate_more(cfg: ExperimentConfig) -> None:
     """Checks of values that need no data: thresholds, fractions, indices, classes."""
-    from deepclean.validation import check_gamma, check_index_values
 
     flags = {"gamma_random": "--gamma-random (or --gamma)", "gamma_class": "--gamma-class (or --gamma)"}
     for key, flag in flags.items():
@@ -307,7 +322,6 @@ def _validate_more(cfg: ExperimentConfig) -> None:
             "training samples"
         )
     if cfg.forget_indices is not None:
-        from deepclean.errors import DataError
 
         try:
             check_index_values(list(cfg.forget_indices))
@@ -337,7 +351,6 @@ def _validate_more(cfg: ExperimentConfig) -> None:
 def _precheck(cfg: ExperimentConfig, data: ImageData) -> None:
     """Every split of the run, built before any training: a forget class absent from the data,
     forget indices out of range and the like fail here, not after an hour of training."""
-    from deepclean.errors import DataError
 
     if "class" in cfg.scenarios:
         bad = [c for c in cfg.forget_classes if not 0 <= c < data.num_classes]
@@ -480,7 +493,6 @@ def _train_or_load(
     }
     key = _key(payload)
     path = ctx.cache_dir / f"{kind}-{cfg.dataset}-{model_name}-{key}.safetensors"
-    from deepclean.harness.locking import exclusive_lock
 
     # a second process that needs the same model waits here and then reuses it
     with exclusive_lock(path, purpose=f"training the {kind} model", wait=True):
@@ -609,7 +621,6 @@ def run_experiment(
     An interrupted run started again with the same configuration and ``out_dir`` resumes: cached
     models and finished method results are reused (:mod:`deepclean.harness.resume`).
     """
-    from deepclean.reproducibility import deterministic, preserve_global_rng
 
     switch = deterministic(warn_only=True) if config.deterministic is True else nullcontext()
     config.validate()  # bad settings fail before the output folder is touched
@@ -621,7 +632,6 @@ def out_dir_lock(out_dir: str | Path, purpose: str):
     """An exclusive lock on an output folder (:func:`deepclean.harness.locking.exclusive_lock`): a second
     process writing into the same ``--out`` is refused at once (``BusyError``) instead of mixing
     its results with the first one's. A path that is a file is left to the folder checks."""
-    from deepclean.harness.locking import exclusive_lock
 
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
@@ -657,14 +667,7 @@ def _run_experiment(
             training starts.
         SplitMismatchError: a gold model recorded for another split.
     """
-    from deepclean.report.tables import build_report
 
-    from deepclean.harness.resume import (
-        check_cache_dir,
-        check_out_dir,
-        check_writable,
-        remove_stale_temporaries,
-    )
 
     config.validate()
     out_dir = Path(config.out_dir)
@@ -832,7 +835,6 @@ def _forgotten_text(cfg: ExperimentConfig, scenario: str, split: ForgetSplit) ->
 def _evaluate_unlearned(evaluate: Callable, model: torch.nn.Module, name: str):
     """``evaluate(model)``; outputs with NaN or infinity (finite but huge weights) are a
     divergence of the method, not bad input: the inputs were checked before any work."""
-    from deepclean.errors import DataError
 
     try:
         return evaluate(model)
@@ -871,7 +873,6 @@ def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Cont
     check_precision(config.precision, device)
     data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     if config.test_half == "report":
-        from deepclean.harness.tuning import test_halves
 
         _, report = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
         data = replace(data, test_x=data.test_x[report], test_y=data.test_y[report])
@@ -898,7 +899,6 @@ def _original_model(ctx: _Context, *, model_name: str, seed: int, subset: torch.
 
 def fisher_methods() -> list[str]:
     """Registered methods that take a precomputed training-set Fisher (``train_fisher``)."""
-    from deepclean.methods import available_methods
 
     return [m for m in available_methods() if method_class(m).accepts_train_fisher]
 
@@ -908,7 +908,6 @@ def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
                   y_train: torch.Tensor) -> Any:
     """With ``precompute_fisher``, I_D of the original model on its training set, from the cache
     (next to the model, keyed by it) or computed and cached; else None."""
-    from deepclean.fisher.train_fisher import TrainFisher, model_digest, precompute_train_fisher
 
     cfg = ctx.cfg
     if not cfg.precompute_fisher or not any(m in fisher_methods() for m in cfg.methods):
@@ -1011,14 +1010,12 @@ def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tenso
 
 
 def _state_sha(model: torch.nn.Module) -> str:
-    from deepclean.checkpoint import state_digest
 
     return state_digest(strip_module_prefix(model.state_dict()))
 
 
 def _check_gold_split(gold_meta: dict[str, Any], split: ForgetSplit) -> None:
     """Refuse a gold model recorded for another split (SplitMismatchError), before evaluation."""
-    from deepclean.validation import check_same_split
 
     check_same_split(gold_meta, split, what="gold model")
 
@@ -1026,8 +1023,6 @@ def _check_gold_split(gold_meta: dict[str, Any], split: ForgetSplit) -> None:
 def _resume_key(base: dict[str, Any], original_sha: str, method: str,
                 hyperparameters: dict[str, Any]) -> str:
     """Hash of everything one method's result depends on (see :mod:`deepclean.harness.resume`)."""
-    from deepclean._version import __version__
-    from deepclean.harness.resume import method_key
 
     return method_key({
         "base": {k: v for k, v in base.items() if k not in ("gold_metrics", "gold_time_s")},
@@ -1038,7 +1033,6 @@ def _resume_key(base: dict[str, Any], original_sha: str, method: str,
 
 def _reuse_finished(ctx: _Context, name: str, key: str) -> dict[str, Any] | None:
     """The finished result ``name`` of an earlier run with the same key, else ``None``."""
-    from deepclean.harness.resume import load_finished
 
     record, why = load_finished(
         ctx.out_dir / "results" / f"{name}.json",
@@ -1053,7 +1047,6 @@ def _reuse_finished(ctx: _Context, name: str, key: str) -> dict[str, Any] | None
 def _write_audit(ctx: _Context, name: str, audit: dict[str, Any], *, original: torch.nn.Module,
                  unlearned: torch.nn.Module, split: ForgetSplit, metrics: dict[str, float],
                  gold_metrics: dict[str, float], rec: dict[str, Any]) -> None:
-    from deepclean.harness.audit import audit_record, write_audit
 
     report = audit_record(
         before=original, after=unlearned, forget_indices=split.forget, n_train=split.n,

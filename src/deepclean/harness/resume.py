@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deepclean.checkpoint import load_checkpoint
 from deepclean.errors import CheckpointError, ConfigurationError
 
 __all__ = ["check_out_dir", "method_key", "load_finished", "IGNORED_CONFIG_FIELDS",
@@ -159,7 +160,6 @@ def load_finished(
     loads (tensor hash checked) and its hash equals the result's ``state_sha256``, and the audit
     record exists when ``audit_path`` is given.
     """
-    from deepclean.checkpoint import load_checkpoint
 
     if not result_path.is_file():
         return None, "no result yet"

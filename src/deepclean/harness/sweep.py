@@ -21,9 +21,24 @@ import torch
 from torch.utils.data import TensorDataset
 
 from deepclean.errors import ConfigurationError
+from deepclean.evaluation.summaries import summary
+from deepclean.harness.experiment import (
+    _evaluator,
+    _gaps,
+    _make_context,
+    _method_kwargs,
+    _original_model,
+    _split_and_gold,
+    _train_fisher,
+    _training_subset,
+    _write_json,
+    out_dir_lock,
+)
 from deepclean.methods import make_method
 from deepclean.methods.base import prepare_inputs
 from deepclean.precision import autocast
+from deepclean.report.build import build_report
+from deepclean.training import synchronize
 
 __all__ = ["DEFAULT_GAMMAS", "sweep_gamma"]
 
@@ -56,7 +71,6 @@ def sweep_gamma(
     Raises:
         ConfigurationError: an empty or non-positive gamma list, or an invalid configuration.
     """
-    from deepclean.harness.experiment import out_dir_lock
 
     gammas = tuple(float(g) for g in gammas)
     if not gammas or not all(g > 0 for g in gammas):
@@ -68,20 +82,6 @@ def sweep_gamma(
 
 def _sweep_locked(config: Any, gammas: tuple[float, ...], *, extended: bool,
                   log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from deepclean.harness.experiment import (
-        _evaluator,
-        _gaps,
-        _make_context,
-        _method_kwargs,
-        _original_model,
-        _split_and_gold,
-        _train_fisher,
-        _training_subset,
-        _write_json,
-    )
-    from deepclean.report.tables import build_report
-    from deepclean.evaluation.summaries import summary
-    from deepclean.training import synchronize
 
     ctx = _make_context(config, log)
     data, device, out_dir = ctx.data, ctx.device, ctx.out_dir

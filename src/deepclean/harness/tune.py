@@ -34,15 +34,15 @@ import torch
 from torch.utils.data import TensorDataset
 
 from deepclean._version import __version__
-from deepclean.harness import experiment as ex
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import ConfigurationError
+from deepclean.evaluation.summaries import avg_gap
+from deepclean.harness import experiment as ex
 from deepclean.harness.experiment import TEST_HALVES_SEED
+from deepclean.harness.resume import method_key
+from deepclean.harness.tuning import TuneResult, test_halves, tune, write_hp_file
 from deepclean.methods import make_method, method_class
 from deepclean.methods.space import SpaceContext
-from deepclean.harness.resume import method_key
-from deepclean.evaluation.summaries import avg_gap
-from deepclean.harness.tuning import TuneResult, test_halves, tune, write_hp_file
 
 __all__ = ["DEFAULT_TUNE_SEED", "TEST_HALVES_SEED", "run_tuning", "validation_score"]
 

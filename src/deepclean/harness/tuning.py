@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from deepclean.errors import CheckpointError, ConfigurationError, DeepCleanError
+from deepclean.checkpoint import atomic_write_text
+from deepclean.errors import CheckpointError, ConfigurationError, DataError, DeepCleanError
 from deepclean.methods.space import (
     Choice,
     IntRange,
@@ -71,7 +72,6 @@ def test_halves(n_test: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     Raises:
         DataError: fewer than 2 test samples.
     """
-    from deepclean.errors import DataError
 
     if not isinstance(n_test, int) or n_test < 2:
         raise DataError(f"splitting the test set into two halves needs >= 2 samples, got {n_test}")
@@ -186,7 +186,6 @@ def write_hp_file(path: str | Path, tuned: Mapping[str, Mapping[str, Mapping[str
     Raises:
         ConfigurationError: a value that is not JSON (str, int, float, bool, None).
     """
-    from deepclean.checkpoint import atomic_write_text
 
     for scenario, methods in tuned.items():
         for method, values in methods.items():

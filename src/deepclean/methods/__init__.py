@@ -9,21 +9,21 @@ from deepclean.methods.base import (
 )
 from deepclean.methods.deepclean import DeepClean, ZeroWeights, reset_weights
 from deepclean.methods.finetune import FineTune
-from deepclean.methods.losses import distillation_kl, teacher_probabilities
-from deepclean.methods.neggrad import NegGrad
-from deepclean.methods.random_label import RandomLabel, random_wrong_labels
-from deepclean.methods.salun import SalUn, saliency_mask
-from deepclean.methods.scrub import SCRUB
-from deepclean.methods.teacher import BadTeacher, bad_teacher_targets
 from deepclean.methods.fisher_forgetting import (
     FisherForgetting,
     true_fisher_diagonal,
     true_fisher_diagonal_reference,
 )
 from deepclean.methods.lcodec import LCodec
+from deepclean.methods.losses import distillation_kl, teacher_probabilities
+from deepclean.methods.neggrad import NegGrad
+from deepclean.methods.random_label import RandomLabel, random_wrong_labels
 from deepclean.methods.retrain import Retrain, reinitialise
+from deepclean.methods.salun import SalUn, saliency_mask
+from deepclean.methods.scrub import SCRUB
 from deepclean.methods.sparse_mu import SparseMU
 from deepclean.methods.ssd import SSD
+from deepclean.methods.teacher import BadTeacher, bad_teacher_targets
 
 __all__ = [
     "Unlearner",

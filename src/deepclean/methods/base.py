@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import inspect
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +22,16 @@ from torch.utils.data import Dataset
 from deepclean.data.datasets import as_tensors
 from deepclean.errors import ConfigurationError, DataError, DivergenceError
 from deepclean.methods.space import Param, SpaceContext
+from deepclean.training import resolve_device
+from deepclean.validation import (
+    check_disjoint,
+    check_forward,
+    check_inputs,
+    check_labels_fit,
+    check_trainable,
+    check_unique,
+    unwrap_model,
+)
 
 __all__ = [
     "Unlearner",
@@ -71,7 +81,6 @@ class Unlearner(ABC):
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigurationError(f"seed must be an int >= 0, got {seed!r}; e.g. seed=0")
         if device is not None:
-            from deepclean.training import resolve_device
 
             resolve_device(device)  # an unknown or absent device fails now, before any work
         self.seed = seed
@@ -229,15 +238,6 @@ def prepare_inputs(
             set), non-float or non-finite inputs, non-integer labels, inputs the model does not
             accept, or labels outside the model's outputs.
     """
-    from deepclean.validation import (
-        check_disjoint,
-        check_forward,
-        check_inputs,
-        check_labels_fit,
-        check_trainable,
-        check_unique,
-        unwrap_model,
-    )
 
     check_trainable(model)
     model = unwrap_model(model)
@@ -269,7 +269,6 @@ def prepare_inputs(
     if device is None:
         dev = first.device if first is not None else torch.device("cpu")
     else:
-        from deepclean.training import resolve_device
 
         dev = resolve_device(device)
     work = copy.deepcopy(model).to(dev)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from deepclean.errors import ConfigurationError
 from deepclean.fisher.diagonal import fisher_diagonal
+from deepclean.fisher.train_fisher import TrainFisher
 from deepclean.masking import BN_STATS, masked_finetune
 from deepclean.methods.base import (
     Unlearner,
@@ -17,8 +19,6 @@ from deepclean.methods.base import (
 )
 from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 from deepclean.selection import check_mask, mask_summary, select_weights
-from deepclean.fisher.train_fisher import TrainFisher
-from torch.utils.data import TensorDataset
 
 __all__ = ["DeepClean", "ZeroWeights", "reset_weights"]
 

@@ -14,8 +14,8 @@ from deepclean.methods.base import (
     check_positive,
     register_method,
 )
-from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
 from deepclean.methods.random_label import relabelled_union
+from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
 from deepclean.selection import mask_summary
 
 __all__ = ["SalUn", "saliency_mask"]

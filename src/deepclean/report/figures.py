@@ -11,13 +11,13 @@ SVG.
 
 from __future__ import annotations
 
-from collections import defaultdict
 import os
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from deepclean.report.tables import mean_ci
+from deepclean.report.common import mean_ci
 
 __all__ = ["plot_method_bars", "plot_selected_vs_gamma", "plot_metrics_vs_gamma",
            "write_figures"]

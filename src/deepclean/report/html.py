@@ -16,30 +16,30 @@ from pathlib import Path
 from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
-from deepclean.report.tables import _get, mean_ci, precompute_note
+from deepclean.report.common import get_field, mean_ci, precompute_note
 
 __all__ = ["render_html_report", "write_html_report", "REPORT_METRICS"]
 
 #: (label, getter, digits, ideal) of each row of the per-scenario table.
 REPORT_METRICS = [
-    ("Acc_Dr (%)", lambda r: _get(r, "metrics", "acc_retain"), 2, "= gold"),
-    ("Acc_Df (%)", lambda r: _get(r, "metrics", "acc_forget"), 2, "= gold"),
-    ("Acc_test (%)", lambda r: _get(r, "metrics", "acc_test"), 2, "= gold"),
-    ("MIA entropy, % D_f member (paper)", lambda r: _get(r, "metrics", "mia"), 2, "= gold"),
-    ("MIA-efficacy, % D_f non-member", lambda r: _get(r, "mia_family", "efficacy"), 2, "= gold"),
-    ("Loss-LR attack accuracy (%)", lambda r: _get(r, "mia_family", "loss_lr_accuracy"), 2,
+    ("Acc_Dr (%)", lambda r: get_field(r, "metrics", "acc_retain"), 2, "= gold"),
+    ("Acc_Df (%)", lambda r: get_field(r, "metrics", "acc_forget"), 2, "= gold"),
+    ("Acc_test (%)", lambda r: get_field(r, "metrics", "acc_test"), 2, "= gold"),
+    ("MIA entropy, % D_f member (paper)", lambda r: get_field(r, "metrics", "mia"), 2, "= gold"),
+    ("MIA-efficacy, % D_f non-member", lambda r: get_field(r, "mia_family", "efficacy"), 2, "= gold"),
+    ("Loss-LR attack accuracy (%)", lambda r: get_field(r, "mia_family", "loss_lr_accuracy"), 2,
      "= gold (about 50)"),
-    ("LiRA AUC, D_f vs test", lambda r: _get(r, "mia_family", "lira", "auc"), 3, "0.5"),
-    ("LiRA TPR at 1 % FPR (%)", lambda r: _get(r, "mia_family", "lira", "tpr_at_1fpr"), 2, "1"),
-    ("JS to gold on D_f (bits)", lambda r: _get(r, "distances", "forget", "js"), 4, "0"),
-    ("KL(gold || model) on D_f", lambda r: _get(r, "distances", "forget", "kl"), 4, "0"),
-    ("Activation distance on D_f", lambda r: _get(r, "distances", "forget", "activation"), 4,
+    ("LiRA AUC, D_f vs test", lambda r: get_field(r, "mia_family", "lira", "auc"), 3, "0.5"),
+    ("LiRA TPR at 1 % FPR (%)", lambda r: get_field(r, "mia_family", "lira", "tpr_at_1fpr"), 2, "1"),
+    ("JS to gold on D_f (bits)", lambda r: get_field(r, "distances", "forget", "js"), 4, "0"),
+    ("KL(gold || model) on D_f", lambda r: get_field(r, "distances", "forget", "kl"), 4, "0"),
+    ("Activation distance on D_f", lambda r: get_field(r, "distances", "forget", "activation"), 4,
      "0"),
-    ("JS to gold on test (control)", lambda r: _get(r, "distances", "test", "js"), 4, "0"),
-    ("Weight distance to gold", lambda r: _get(r, "distances", "weights_to_gold"), 2, "0"),
-    ("Avg. Gap (points)", lambda r: _get(r, "summary", "avg_gap"), 2, "0"),
-    ("Tug of war", lambda r: _get(r, "summary", "tug_of_war"), 4, "1"),
-    ("RTE (gold time / time)", lambda r: _get(r, "summary", "rte"), 2, "higher"),
+    ("JS to gold on test (control)", lambda r: get_field(r, "distances", "test", "js"), 4, "0"),
+    ("Weight distance to gold", lambda r: get_field(r, "distances", "weights_to_gold"), 2, "0"),
+    ("Avg. Gap (points)", lambda r: get_field(r, "summary", "avg_gap"), 2, "0"),
+    ("Tug of war", lambda r: get_field(r, "summary", "tug_of_war"), 4, "1"),
+    ("RTE (gold time / time)", lambda r: get_field(r, "summary", "rte"), 2, "higher"),
     ("Weights reset (count)", lambda r: r.get("n_reset"), 0, "-"),
     ("Weights reset (% of all)", lambda r: None if r.get("share_reset") is None
      else 100.0 * r["share_reset"], 2, "-"),
@@ -123,7 +123,7 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
     once = precompute_note(recs)
     if once:
         parts.append(f"<p class='note'>{e(once)}</p>")
-    if any(_get(r, "mia_family", "lira_reason") for r in recs):
+    if any(get_field(r, "mia_family", "lira_reason") for r in recs):
         k = max(int(r.get("gold_seeds") or 1) for r in recs)
         parts.append(
             f"<p class='note'>LiRA: this run has {k} gold model(s) per seed; the attack needs at "
@@ -132,7 +132,7 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
     remembered = []
     for m in methods:
         for r in sorted(by_method[m], key=lambda r: r["seed"])[:1]:
-            top = _get(r, "mia_family", "lira", "top_remembered")
+            top = get_field(r, "mia_family", "lira", "top_remembered")
             if top:
                 items = ", ".join(f"{t['index']} (z {t['z']:.1f})" for t in top)
                 remembered.append(f"<li>{e(m)} (seed {r['seed']}): {e(items)}</li>")

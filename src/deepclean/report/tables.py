@@ -20,25 +20,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
+from deepclean.errors import CheckpointError
+from deepclean.report.common import get_field, mean_ci, precompute_note
 
 __all__ = ["load_records", "load_sweep_records", "summarise", "markdown_tables", "csv_table",
-           "latex_tables", "write_tables", "build_report", "mean_ci", "TABLES"]
+           "latex_tables", "write_tables", "mean_ci", "is_failed", "missing_references",
+           "precompute_note", "TABLES"]
 
 
-def _get(r: dict[str, Any], *path: str) -> Any:
-    """``r[path[0]][path[1]]...`` or ``None`` where a key is missing (older records)."""
-    for key in path:
-        if not isinstance(r, dict) or r.get(key) is None:
-            return None
-        r = r[key]
-    return r
 
 _COLUMNS = [
     ("Acc_Dr", lambda r: r["metrics"]["acc_retain"], 2),
@@ -55,33 +50,33 @@ _ORDER = {"original": 0, "gold": 1}
 
 # (label, getter, digits, ideal) per column of the evaluation-beyond-the-paper tables.
 _MIA_COLUMNS = [
-    ("MIA entropy (%)", lambda r: _get(r, "mia_family", "entropy_lr"), 2, "= gold"),
-    ("MIA-efficacy (%)", lambda r: _get(r, "mia_family", "efficacy"), 2, "= gold"),
-    ("Loss-LR acc. (%)", lambda r: _get(r, "mia_family", "loss_lr_accuracy"), 2,
+    ("MIA entropy (%)", lambda r: get_field(r, "mia_family", "entropy_lr"), 2, "= gold"),
+    ("MIA-efficacy (%)", lambda r: get_field(r, "mia_family", "efficacy"), 2, "= gold"),
+    ("Loss-LR acc. (%)", lambda r: get_field(r, "mia_family", "loss_lr_accuracy"), 2,
      "= gold (about 50)"),
-    ("LiRA AUC", lambda r: _get(r, "mia_family", "lira", "auc"), 3, "0.5"),
-    ("LiRA TPR@1%FPR (%)", lambda r: _get(r, "mia_family", "lira", "tpr_at_1fpr"), 2, "1"),
+    ("LiRA AUC", lambda r: get_field(r, "mia_family", "lira", "auc"), 3, "0.5"),
+    ("LiRA TPR@1%FPR (%)", lambda r: get_field(r, "mia_family", "lira", "tpr_at_1fpr"), 2, "1"),
 ]
 _DIST_COLUMNS = [
-    ("JS D_f", lambda r: _get(r, "distances", "forget", "js"), 4, "0"),
-    ("KL D_f", lambda r: _get(r, "distances", "forget", "kl"), 4, "0"),
-    ("Act. D_f", lambda r: _get(r, "distances", "forget", "activation"), 4, "0"),
-    ("JS test", lambda r: _get(r, "distances", "test", "js"), 4, "0"),
-    ("KL test", lambda r: _get(r, "distances", "test", "kl"), 4, "0"),
-    ("Act. test", lambda r: _get(r, "distances", "test", "activation"), 4, "0"),
-    ("W to gold", lambda r: _get(r, "distances", "weights_to_gold"), 2, "0"),
-    ("W to original", lambda r: _get(r, "distances", "weights_to_original"), 2, "(context)"),
-    ("JS D_f / gold-gold", lambda r: _get(r, "distances", "normalised", "forget", "js"), 2,
+    ("JS D_f", lambda r: get_field(r, "distances", "forget", "js"), 4, "0"),
+    ("KL D_f", lambda r: get_field(r, "distances", "forget", "kl"), 4, "0"),
+    ("Act. D_f", lambda r: get_field(r, "distances", "forget", "activation"), 4, "0"),
+    ("JS test", lambda r: get_field(r, "distances", "test", "js"), 4, "0"),
+    ("KL test", lambda r: get_field(r, "distances", "test", "kl"), 4, "0"),
+    ("Act. test", lambda r: get_field(r, "distances", "test", "activation"), 4, "0"),
+    ("W to gold", lambda r: get_field(r, "distances", "weights_to_gold"), 2, "0"),
+    ("W to original", lambda r: get_field(r, "distances", "weights_to_original"), 2, "(context)"),
+    ("JS D_f / gold-gold", lambda r: get_field(r, "distances", "normalised", "forget", "js"), 2,
      "<= 1"),
     ("Act. D_f / gold-gold",
-     lambda r: _get(r, "distances", "normalised", "forget", "activation"), 2, "<= 1"),
-    ("W to gold / gold-gold", lambda r: _get(r, "distances", "normalised", "weights_to_gold"),
+     lambda r: get_field(r, "distances", "normalised", "forget", "activation"), 2, "<= 1"),
+    ("W to gold / gold-gold", lambda r: get_field(r, "distances", "normalised", "weights_to_gold"),
      2, "<= 1"),
 ]
 _SUMMARY_COLUMNS = [
-    ("Avg. Gap", lambda r: _get(r, "summary", "avg_gap"), 2, "0"),
-    ("Tug of war", lambda r: _get(r, "summary", "tug_of_war"), 4, "1"),
-    ("RTE", lambda r: _get(r, "summary", "rte"), 2, "higher"),
+    ("Avg. Gap", lambda r: get_field(r, "summary", "avg_gap"), 2, "0"),
+    ("Tug of war", lambda r: get_field(r, "summary", "tug_of_war"), 4, "1"),
+    ("RTE", lambda r: get_field(r, "summary", "rte"), 2, "higher"),
     ("time (s)", lambda r: r.get("time_s"), 1, "lower"),
 ]
 _PAPER_COLUMNS = [(label, get, digits, None) for label, get, digits in _COLUMNS]
@@ -124,7 +119,6 @@ def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
         CheckpointError: a file that is not readable JSON, or a JSON object in ``results/``
             without the keys that identify a result; the message names the file.
     """
-    from deepclean.errors import CheckpointError
 
     root = Path(results_dir)
     folder = root / "results" if (root / "results").is_dir() else root
@@ -194,16 +188,6 @@ def load_sweep_records(results_dir: str | Path) -> list[dict[str, Any]]:
         else []
 
 
-def mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and half-width of the 95 % Student-t interval (``None`` for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    from scipy.stats import t
-
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, float(t.ppf(0.975, n - 1) * sd / math.sqrt(n))
 
 
 def summarise(records: Iterable[dict[str, Any]], columns: list | None = None
@@ -281,16 +265,6 @@ def _ideal_row(columns: list) -> list[str] | None:
     return ["ideal"] + [c[3] or "" for c in columns]
 
 
-def precompute_note(records: Iterable[dict[str, Any]]) -> str:
-    """The sentence saying that DeepClean's time excludes the precomputed training-set Fisher
-    (``--precompute-fisher``) and how long that took; an empty string when no record used one."""
-    once = sorted({round(r["precompute_time_s"], 1) for r in records
-                   if r.get("precompute_time_s")})
-    if not once:
-        return ""
-    return ("DeepClean's time (and Zero Weights') excludes the training-set Fisher I_D, computed "
-            "once per original model (--precompute-fisher): "
-            + ", ".join(f"{t:.1f}" for t in once) + " s.")
 
 
 def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> str:
@@ -421,26 +395,3 @@ def write_tables(records: list[dict[str, Any]], out_dir: str | Path) -> str:
     return "\n".join(parts)
 
 
-def build_report(results_dir: str | Path, *, records: list[dict[str, Any]] | None = None) -> str:
-    """Rebuild every table, figure and the HTML report of ``results_dir`` from its JSON files.
-
-    Args:
-        records: the result records; ``None`` reads ``results_dir/results/*.json``. Sweep
-            records are always read from ``results_dir/sweep/*.json``.
-
-    Returns:
-        The Markdown of the tables.
-    """
-    from deepclean.report.figures import write_figures
-    from deepclean.report.html import write_html_report
-
-    results_dir = Path(results_dir)
-    if records is None:
-        records = load_records(results_dir)
-    sweep = load_sweep_records(results_dir)
-    md = write_tables(records, results_dir) if records else ""
-    ok = [r for r in records if not is_failed(r)]
-    figures = write_figures(ok, sweep, results_dir / "figures")
-    write_html_report(ok, sweep, figures, results_dir / "report.html",
-                      failed=[r for r in records if is_failed(r)])
-    return md

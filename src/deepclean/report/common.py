@@ -1,0 +1,43 @@
+"""What every report module shares: reading nested record fields, mean and 95 % interval,
+and the note on a precomputed training-set Fisher."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["get_field", "mean_ci", "precompute_note"]
+
+
+def get_field(r: dict[str, Any], *path: str) -> Any:
+    """``r[path[0]][path[1]]...`` or ``None`` where a key is missing (older records)."""
+    for key in path:
+        if not isinstance(r, dict) or r.get(key) is None:
+            return None
+        r = r[key]
+    return r
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and half-width of the 95 % Student-t interval (``None`` for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    from scipy.stats import t
+
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+
+
+def precompute_note(records: Iterable[dict[str, Any]]) -> str:
+    """The sentence saying that DeepClean's time excludes the precomputed training-set Fisher
+    (``--precompute-fisher``) and how long that took; an empty string when no record used one."""
+    once = sorted({round(r["precompute_time_s"], 1) for r in records
+                   if r.get("precompute_time_s")})
+    if not once:
+        return ""
+    return ("DeepClean's time (and Zero Weights') excludes the training-set Fisher I_D, computed "
+            "once per original model (--precompute-fisher): "
+            + ", ".join(f"{t:.1f}" for t in once) + " s.")

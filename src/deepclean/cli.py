@@ -226,7 +226,7 @@ def _add_tuned_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from deepclean.harness.experiment import ExperimentConfig, preset
+    from deepclean.harness.config import ExperimentConfig, preset
     from deepclean.methods import available_methods, method_class
 
     if args.gamma is not None and (args.gamma_random is not None or args.gamma_class is not None):
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         records = run_experiment(config)
         print(f"results written to {config.out_dir}/ (results.md, results.csv, results.tex, "
               "tables/, figures/, report.html, results/, splits/, audit/, checkpoints/)")
-        from deepclean.harness.experiment import failed_records
+        from deepclean.harness.records import failed_records
 
         failed = failed_records(records)
         if failed:

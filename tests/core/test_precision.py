@@ -117,7 +117,7 @@ def test_autocast_helper_and_memory_format():
 @pytest.mark.parametrize("path", [None, "grouped", "pairs", "per_sample"])
 def test_fisher_of_a_channels_last_model_equals_the_contiguous_one(conv_model_and_data, path,
                                                                    monkeypatch):
-    import deepclean.fisher.diagonal as fisher_module
+    import deepclean.fisher.rules as fisher_module
 
     if path is not None:  # each Conv2d contraction forced on every layer (None: the shape rule)
         monkeypatch.setattr(fisher_module, "_conv_path", lambda length, numel: path)

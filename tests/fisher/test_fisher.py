@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import deepclean.fisher.diagonal as fisher_module
+import deepclean.fisher.rules as fisher_module
 from deepclean import ConfigurationError, DataError, fisher_diagonal, fisher_diagonal_reference
 from deepclean.data.models import build_model
 

@@ -128,9 +128,10 @@ def test_check_same_split_refuses_a_gold_model_of_another_split(tmp_path):
 
 
 def test_the_harness_refuses_a_gold_model_of_another_split(tmp_path, monkeypatch):
-    import deepclean.harness.experiment as experiment
+    import deepclean.harness.cache as cache
+    import deepclean.harness.records as records
 
-    real = experiment._train_or_load
+    real = cache._train_or_load
     evaluated = []
 
     def wrong_gold(ctx, *, kind, **kwargs):
@@ -139,8 +140,8 @@ def test_the_harness_refuses_a_gold_model_of_another_split(tmp_path, monkeypatch
             meta = {**meta, "determinants": {**meta["determinants"], "forget_sha256": "0" * 64}}
         return model, meta
 
-    monkeypatch.setattr(experiment, "_train_or_load", wrong_gold)
-    monkeypatch.setattr(experiment, "evaluate_model", lambda *a, **k: evaluated.append(1))
+    monkeypatch.setattr(cache, "_train_or_load", wrong_gold)
+    monkeypatch.setattr(records, "evaluate_model", lambda *a, **k: evaluated.append(1))
     with pytest.raises(SplitMismatchError, match="gold model was trained on another"):
         run(tiny_config(tmp_path))
     assert not evaluated  # refused before any evaluation

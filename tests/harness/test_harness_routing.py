@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 
-from deepclean.harness.experiment import ExperimentConfig, _method_kwargs, fisher_methods
+from deepclean.harness.config import ExperimentConfig, _method_kwargs, fisher_methods
 from deepclean.methods import available_methods, make_method, method_class
 
 JSON = (int, float, str, bool, type(None))

@@ -2,6 +2,12 @@
 and the training-set Fisher computed once per model."""
 
 from deepclean.fisher.diagonal import eval_mode, fisher_diagonal, fisher_diagonal_reference
+from deepclean.fisher.rules import (
+    LayerRule,
+    layer_rule,
+    register_layer_rule,
+    registered_layer_types,
+)
 from deepclean.fisher.train_fisher import (
     TrainFisher,
     model_digest,
@@ -10,7 +16,11 @@ from deepclean.fisher.train_fisher import (
 )
 
 __all__ = [
+    "LayerRule",
     "TrainFisher",
+    "layer_rule",
+    "register_layer_rule",
+    "registered_layer_types",
     "eval_mode",
     "fisher_diagonal",
     "fisher_diagonal_reference",

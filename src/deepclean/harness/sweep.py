@@ -22,18 +22,17 @@ from torch.utils.data import TensorDataset
 
 from deepclean.errors import ConfigurationError
 from deepclean.evaluation.summaries import summary
-from deepclean.harness.experiment import (
-    _evaluator,
-    _gaps,
+from deepclean.harness.cache import (
     _make_context,
-    _method_kwargs,
     _original_model,
     _split_and_gold,
     _train_fisher,
     _training_subset,
     _write_json,
-    out_dir_lock,
 )
+from deepclean.harness.config import _method_kwargs
+from deepclean.harness.experiment import out_dir_lock
+from deepclean.harness.records import _evaluator, _gaps
 from deepclean.methods import make_method
 from deepclean.methods.base import prepare_inputs
 from deepclean.precision import autocast

@@ -37,8 +37,9 @@ from deepclean._version import __version__
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import ConfigurationError
 from deepclean.evaluation.summaries import avg_gap
-from deepclean.harness import experiment as ex
-from deepclean.harness.experiment import TEST_HALVES_SEED
+from deepclean.harness import cache, config, records
+from deepclean.harness.experiment import out_dir_lock
+from deepclean.harness.config import TEST_HALVES_SEED
 from deepclean.harness.resume import method_key
 from deepclean.harness.tuning import TuneResult, test_halves, tune, write_hp_file
 from deepclean.methods import make_method, method_class
@@ -111,30 +112,30 @@ def run_tuning(
         )
     cfg = replace(config, seeds=(tune_seed,))
     cfg.validate()
-    with ex.out_dir_lock(cfg.out_dir, "deepclean tune"):
+    with out_dir_lock(cfg.out_dir, "deepclean tune"):
         return _run_tuning(cfg, tune_seed=tune_seed, n_trials=n_trials, max_passes=max_passes,
                            log=log)
 
 
 def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                 log: Callable[[str], None]) -> dict[str, Any]:
-    ctx = ex._make_context(cfg, log)
-    ex._precheck(cfg, ctx.data)
+    ctx = cache._make_context(cfg, log)
+    config._precheck(cfg, ctx.data)
     val_idx, _ = test_halves(int(ctx.data.test_x.shape[0]), seed=TEST_HALVES_SEED)
     x_val, y_val = ctx.data.test_x[val_idx], ctx.data.test_y[val_idx]
     model_name = cfg.models[0]
-    subset, x_train, y_train = ex._training_subset(ctx, tune_seed)
-    original, _ = ex._original_model(ctx, model_name=model_name, seed=tune_seed, subset=subset,
+    subset, x_train, y_train = cache._training_subset(ctx, tune_seed)
+    original, _ = cache._original_model(ctx, model_name=model_name, seed=tune_seed, subset=subset,
                                      x_train=x_train, y_train=y_train)
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
     searches: dict[str, dict[str, Any]] = {}
     for scenario in cfg.scenarios:
-        split, gold, _ = ex._split_and_gold(ctx, scenario=scenario, seed=tune_seed,
+        split, gold, _ = cache._split_and_gold(ctx, scenario=scenario, seed=tune_seed,
                                             model_name=model_name, subset=subset,
                                             x_train=x_train, y_train=y_train)
 
         def metrics_of(model: torch.nn.Module, split=split) -> dict[str, float]:
-            return ex.evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
+            return records.evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
                                      x_test=x_val, y_test=y_val, device=ctx.device,
                                      precision=cfg.precision)
 
@@ -152,7 +153,7 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
             objective = partial(
                 _objective, name=name, original=original, forget=forget, retain=retain,
                 metrics_of=metrics_of, gold_metrics=gold_metrics,
-                base_kwargs=ex._method_kwargs(cfg, name, scenario, tune_seed, ctx.device,
+                base_kwargs=config._method_kwargs(cfg, name, scenario, tune_seed, ctx.device,
                                               model_name, ctx.data),
             )
             space_record = {k: p.to_dict() for k, p in space.items()}

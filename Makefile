@@ -1,6 +1,6 @@
 # Set-up and entry points. Every target installs what it needs on a fresh machine.
 #   make demo   the main job on real data (Fashion-MNIST): deepclean run
-#   make test   the test suite
+#   make test   the linter and the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 RUN_ARGS ?=
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,10 @@ data:
 demo: setup data
 	$(VENV)/bin/deepclean run $(RUN_ARGS)
 
-test: setup data
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: setup data lint
 	$(PY) -m pytest -q
 
 clean:

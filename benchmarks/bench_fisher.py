@@ -61,8 +61,8 @@ def _peak(device: torch.device) -> int:
 def worker(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from deepclean.data.datasets import iterate_batches
-    from deepclean.fisher.diagonal import fisher_diagonal
     from deepclean.data.models import build_model
+    from deepclean.fisher.diagonal import fisher_diagonal
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

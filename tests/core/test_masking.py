@@ -7,9 +7,6 @@ import torch
 from torch import nn
 
 from deepclean import MaskError, masked_finetune
-from deepclean.data.models import build_model
-
-
 
 
 def _run(model, mask, x, y, **kw):

@@ -26,14 +26,14 @@ from deepclean import (
     make_method,
     make_split,
     masked_finetune,
+    predict_proba,
     train_model,
 )
 from deepclean import accuracy as accuracy_percent
-from deepclean import predict_proba
 from deepclean.checkpoint import load_checkpoint
 from deepclean.cli import build_parser, main
-from deepclean.harness.experiment import ExperimentConfig, run_experiment
 from deepclean.evaluation.metrics import predict_logits
+from deepclean.harness.experiment import ExperimentConfig, run_experiment
 from deepclean.precision import autocast, to_memory_format
 
 # Fisher comparisons: max |a - b| <= FISHER_RTOL * max |b| per tensor, in float32.

@@ -9,6 +9,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
 from deepclean import build_model
+from deepclean.errors import DataError
 from deepclean.evaluation.distances import (
     activation_distance,
     distances_to_gold,
@@ -16,7 +17,6 @@ from deepclean.evaluation.distances import (
     kl_divergence,
     weight_distance,
 )
-from deepclean.errors import DataError
 
 
 def random_probs(n, k, seed, sparse=False):

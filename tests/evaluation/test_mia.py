@@ -19,7 +19,7 @@ import sklearn.svm
 import torch
 
 from deepclean import build_model
-from deepclean.evaluation.outputs import build_reference, extended_metrics, model_outputs
+from deepclean.data.splits import random_split
 from deepclean.evaluation.metrics import membership_attack
 from deepclean.evaluation.mia import (
     DIRECTIONS,
@@ -30,7 +30,7 @@ from deepclean.evaluation.mia import (
     mia_efficacy,
     mia_family,
 )
-from deepclean.data.splits import random_split
+from deepclean.evaluation.outputs import build_reference, extended_metrics, model_outputs
 
 SEEDS = range(10)
 

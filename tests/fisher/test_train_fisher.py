@@ -69,7 +69,7 @@ def test_deepclean_with_a_precomputed_fisher_gives_the_same_model() -> None:
     a = plain.unlearn(model, forget, retain)
     # D_r in another order: the split is checked as a multiset of samples
     perm = torch.randperm(xr.shape[0], generator=torch.Generator().manual_seed(5))
-    b = fast.unlearn(model, forget, TensorDataset(xr[perm], yr[perm]))
+    fast.unlearn(model, forget, TensorDataset(xr[perm], yr[perm]))
     assert all(torch.equal(plain.mask_[k], fast.mask_[k]) for k in plain.mask_)
     assert plain.info_["fisher_mode"] == "two_passes"
     assert fast.info_["fisher_mode"] == "precomputed"

@@ -6,9 +6,9 @@ import pytest
 
 from deepclean.cli import main
 from deepclean.data.datasets import load_dataset
+from deepclean.harness.tuning import test_halves
 from deepclean.methods import method_class
 from deepclean.methods.space import SpaceContext
-from deepclean.harness.tuning import test_halves
 
 COMMON = ["--dataset", "digits", "--train-size", "all", "--model", "small_cnn", "--epochs", "2",
           "--no-progress", "--threads", "1"]

@@ -14,12 +14,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import deepclean
+from deepclean.data.models import build_model
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.methods import scrub as scrub_module
 from deepclean.methods import teacher as teacher_module
 from deepclean.methods.losses import distillation_kl
 from deepclean.methods.random_label import random_wrong_labels, wrong_label_distribution
-from deepclean.data.models import build_model
 from deepclean.training import TrainConfig, train_model
 
 # ----------------------------------------------------------------------------- the KL loss

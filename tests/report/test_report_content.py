@@ -6,8 +6,8 @@ import re
 import pytest
 
 from deepclean.cli import main
-from deepclean.report.figures import plot_method_bars
 from deepclean.progress import progress_bar
+from deepclean.report.figures import plot_method_bars
 
 
 @pytest.fixture(scope="module")

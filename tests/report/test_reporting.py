@@ -7,8 +7,6 @@ import json
 import pytest
 
 from deepclean.cli import main
-from deepclean.report.figures import write_figures
-from deepclean.report.html import render_html_report
 from deepclean.report import (
     build_report,
     csv_table,
@@ -17,6 +15,8 @@ from deepclean.report import (
     mean_ci,
     write_tables,
 )
+from deepclean.report.figures import write_figures
+from deepclean.report.html import render_html_report
 
 GOLD = {"acc_forget": 80.0, "acc_retain": 99.0, "acc_test": 90.0, "mia": 30.0}
 
@@ -75,7 +75,7 @@ def sweep_records():
 def test_markdown_table_has_mean_and_interval_over_seeds(records):
     md = markdown_tables(records)
     mean, half = mean_ci([80.0 + 1 + s for s in (0, 1, 2)])
-    assert f"| deepclean | " in md and f"{mean:.2f} ± {half:.2f}" in md
+    assert "| deepclean | " in md and f"{mean:.2f} ± {half:.2f}" in md
     assert md.count("### ") == 2  # random and class
     assert md.index("| original |") < md.index("| gold |") < md.index("| deepclean |")
 

@@ -38,8 +38,8 @@ from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import ConfigurationError
 from deepclean.evaluation.summaries import avg_gap
 from deepclean.harness import cache, config, records
-from deepclean.harness.experiment import out_dir_lock
 from deepclean.harness.config import TEST_HALVES_SEED
+from deepclean.harness.experiment import out_dir_lock
 from deepclean.harness.resume import method_key
 from deepclean.harness.tuning import TuneResult, test_halves, tune, write_hp_file
 from deepclean.methods import make_method, method_class

@@ -82,3 +82,17 @@ def test_bench_run_without_deepclean_results_fails(tmp_path, capsys) -> None:
     _write(tmp_path, "finetune", 20.0)
     assert _bench_run().main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no run with both a deepclean and a gold result" in capsys.readouterr().err
+
+
+def test_the_fisher_cost_check_runs_on_a_small_case_and_passes(tmp_path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("check", ROOT / "benchmarks" / "check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    out = tmp_path / "run.json"
+    # a generous tolerance: this runs beside the rest of the suite on a shared machine
+    assert check.main(["--n", "128", "--repeats", "2", "--tolerance", "3", "--out", str(out)]) == 0
+    measured = json.loads(out.read_text())
+    assert measured["ratio"] == pytest.approx(measured["fisher_s"] / measured["plain_s"])
+    assert "Fisher/plain" in capsys.readouterr().out
+    baseline = json.loads((ROOT / "benchmarks" / "baseline" / "fisher_ratio.json").read_text())
+    assert 0.5 < baseline["ratio"] < 3.0

@@ -16,35 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
+from deepclean.report.catalogue import columns
 from deepclean.report.common import get_field, mean_ci, precompute_note
 
 __all__ = ["render_html_report", "write_html_report", "REPORT_METRICS"]
 
-#: (label, getter, digits, ideal) of each row of the per-scenario table.
-REPORT_METRICS = [
-    ("Acc_Dr (%)", lambda r: get_field(r, "metrics", "acc_retain"), 2, "= gold"),
-    ("Acc_Df (%)", lambda r: get_field(r, "metrics", "acc_forget"), 2, "= gold"),
-    ("Acc_test (%)", lambda r: get_field(r, "metrics", "acc_test"), 2, "= gold"),
-    ("MIA entropy, % D_f member (paper)", lambda r: get_field(r, "metrics", "mia"), 2, "= gold"),
-    ("MIA-efficacy, % D_f non-member", lambda r: get_field(r, "mia_family", "efficacy"), 2, "= gold"),
-    ("Loss-LR attack accuracy (%)", lambda r: get_field(r, "mia_family", "loss_lr_accuracy"), 2,
-     "= gold (about 50)"),
-    ("LiRA AUC, D_f vs test", lambda r: get_field(r, "mia_family", "lira", "auc"), 3, "0.5"),
-    ("LiRA TPR at 1 % FPR (%)", lambda r: get_field(r, "mia_family", "lira", "tpr_at_1fpr"), 2, "1"),
-    ("JS to gold on D_f (bits)", lambda r: get_field(r, "distances", "forget", "js"), 4, "0"),
-    ("KL(gold || model) on D_f", lambda r: get_field(r, "distances", "forget", "kl"), 4, "0"),
-    ("Activation distance on D_f", lambda r: get_field(r, "distances", "forget", "activation"), 4,
-     "0"),
-    ("JS to gold on test (control)", lambda r: get_field(r, "distances", "test", "js"), 4, "0"),
-    ("Weight distance to gold", lambda r: get_field(r, "distances", "weights_to_gold"), 2, "0"),
-    ("Avg. Gap (points)", lambda r: get_field(r, "summary", "avg_gap"), 2, "0"),
-    ("Tug of war", lambda r: get_field(r, "summary", "tug_of_war"), 4, "1"),
-    ("RTE (gold time / time)", lambda r: get_field(r, "summary", "rte"), 2, "higher"),
-    ("Weights reset (count)", lambda r: r.get("n_reset"), 0, "-"),
-    ("Weights reset (% of all)", lambda r: None if r.get("share_reset") is None
-     else 100.0 * r["share_reset"], 2, "-"),
-    ("Unlearning time (s)", lambda r: r.get("time_s"), 1, "lower"),
-]
+#: (label, getter, digits, ideal) of each row of the per-scenario table (from the catalogue).
+REPORT_METRICS = columns(["acc_retain", "acc_forget", "acc_test", "mia", "mia_efficacy", "loss_lr",
+                          "lira_auc", "lira_tpr", "js_forget", "kl_forget", "act_forget",
+                          "js_test", "w_gold", "avg_gap", "tug_of_war", "rte", "n_reset",
+                          "share_reset", "time_s"], long=True)
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

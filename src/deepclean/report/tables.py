@@ -27,7 +27,8 @@ from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import CheckpointError
-from deepclean.report.common import get_field, mean_ci, precompute_note
+from deepclean.report.catalogue import columns
+from deepclean.report.common import mean_ci, precompute_note
 
 __all__ = ["load_records", "load_sweep_records", "summarise", "markdown_tables", "csv_table",
            "latex_tables", "write_tables", "mean_ci", "is_failed", "missing_references",
@@ -35,51 +36,16 @@ __all__ = ["load_records", "load_sweep_records", "summarise", "markdown_tables",
 
 
 
-_COLUMNS = [
-    ("Acc_Dr", lambda r: r["metrics"]["acc_retain"], 2),
-    ("Acc_Df", lambda r: r["metrics"]["acc_forget"], 2),
-    ("Acc_test", lambda r: r["metrics"]["acc_test"], 2),
-    ("MIA", lambda r: r["metrics"]["mia"], 2),
-    ("dAcc_Df", lambda r: r["gaps"]["d_acc_forget"], 2),
-    ("dMIA", lambda r: r["gaps"]["d_mia"], 2),
-    ("reset", lambda r: r.get("n_reset"), 0),
-    ("reset %", lambda r: None if r.get("share_reset") is None else 100 * r["share_reset"], 2),
-    ("time (s)", lambda r: r.get("time_s"), 1),
-]
 _ORDER = {"original": 0, "gold": 1}
 
-# (label, getter, digits, ideal) per column of the evaluation-beyond-the-paper tables.
-_MIA_COLUMNS = [
-    ("MIA entropy (%)", lambda r: get_field(r, "mia_family", "entropy_lr"), 2, "= gold"),
-    ("MIA-efficacy (%)", lambda r: get_field(r, "mia_family", "efficacy"), 2, "= gold"),
-    ("Loss-LR acc. (%)", lambda r: get_field(r, "mia_family", "loss_lr_accuracy"), 2,
-     "= gold (about 50)"),
-    ("LiRA AUC", lambda r: get_field(r, "mia_family", "lira", "auc"), 3, "0.5"),
-    ("LiRA TPR@1%FPR (%)", lambda r: get_field(r, "mia_family", "lira", "tpr_at_1fpr"), 2, "1"),
-]
-_DIST_COLUMNS = [
-    ("JS D_f", lambda r: get_field(r, "distances", "forget", "js"), 4, "0"),
-    ("KL D_f", lambda r: get_field(r, "distances", "forget", "kl"), 4, "0"),
-    ("Act. D_f", lambda r: get_field(r, "distances", "forget", "activation"), 4, "0"),
-    ("JS test", lambda r: get_field(r, "distances", "test", "js"), 4, "0"),
-    ("KL test", lambda r: get_field(r, "distances", "test", "kl"), 4, "0"),
-    ("Act. test", lambda r: get_field(r, "distances", "test", "activation"), 4, "0"),
-    ("W to gold", lambda r: get_field(r, "distances", "weights_to_gold"), 2, "0"),
-    ("W to original", lambda r: get_field(r, "distances", "weights_to_original"), 2, "(context)"),
-    ("JS D_f / gold-gold", lambda r: get_field(r, "distances", "normalised", "forget", "js"), 2,
-     "<= 1"),
-    ("Act. D_f / gold-gold",
-     lambda r: get_field(r, "distances", "normalised", "forget", "activation"), 2, "<= 1"),
-    ("W to gold / gold-gold", lambda r: get_field(r, "distances", "normalised", "weights_to_gold"),
-     2, "<= 1"),
-]
-_SUMMARY_COLUMNS = [
-    ("Avg. Gap", lambda r: get_field(r, "summary", "avg_gap"), 2, "0"),
-    ("Tug of war", lambda r: get_field(r, "summary", "tug_of_war"), 4, "1"),
-    ("RTE", lambda r: get_field(r, "summary", "rte"), 2, "higher"),
-    ("time (s)", lambda r: r.get("time_s"), 1, "lower"),
-]
-_PAPER_COLUMNS = [(label, get, digits, None) for label, get, digits in _COLUMNS]
+_PAPER_COLUMNS = columns(["acc_retain", "acc_forget", "acc_test", "mia", "d_acc_forget", "d_mia",
+                          "n_reset", "share_reset", "time_s"], ideal=False)
+_MIA_COLUMNS = columns(["mia_entropy", "mia_efficacy", "loss_lr", "lira_auc", "lira_tpr"])
+_DIST_COLUMNS = columns(["js_forget", "kl_forget", "act_forget", "js_test", "kl_test", "act_test",
+                         "w_gold", "w_original", "js_forget_norm", "act_forget_norm",
+                         "w_gold_norm"])
+_SUMMARY_COLUMNS = columns(["avg_gap", "tug_of_war", "rte", "time_s"])
+_COLUMNS = _PAPER_COLUMNS
 
 #: name -> (title, columns, methods kept or None for all, note)
 TABLES: dict[str, tuple[str, list, tuple[str, ...] | None, str]] = {

@@ -18,17 +18,23 @@ def tiny_data() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:40], y[:40]), TensorDataset(x[40:], y[40:])
 
 
-@pytest.fixture
-def bn_model() -> torch.nn.Module:
-    """A small CNN with BatchNorm whose running statistics are not the defaults."""
-    model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=0)
-    g = torch.Generator().manual_seed(7)
+def randomise_batchnorm(model: torch.nn.Module, g: torch.Generator, *, affine: bool = True) -> None:
+    """Give every BatchNorm2d running statistics (and, with ``affine``, weights) that are not the
+    defaults, drawn from ``g``, so that tests see BatchNorm doing something."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+
+
+@pytest.fixture
+def bn_model() -> torch.nn.Module:
+    """A small CNN with BatchNorm whose running statistics are not the defaults."""
+    model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=0)
+    randomise_batchnorm(model, torch.Generator().manual_seed(7))
     return model
 
 

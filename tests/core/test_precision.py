@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from conftest import randomise_batchnorm
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -69,11 +70,7 @@ def conv_model_and_data():
         nn.Flatten(), nn.Linear(20, 7),
     )
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    randomise_batchnorm(model, g, affine=False)
     x = torch.randn(40, 3, 16, 16, generator=g)
     y = torch.randint(0, 7, (40,), generator=g)
     return model, TensorDataset(x, y)

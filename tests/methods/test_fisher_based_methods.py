@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomise_batchnorm
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -35,13 +36,7 @@ def bn_model():
     """A small CNN whose BatchNorm statistics and affine parameters are not the defaults, in
     train mode."""
     model = build_model("small_cnn", in_channels=1, num_classes=K, width=0.25, seed=0)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+    randomise_batchnorm(model, torch.Generator().manual_seed(7))
     return model.train()
 
 

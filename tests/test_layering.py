@@ -88,3 +88,12 @@ def test_no_import_cycle_between_units():
 
     for u in sorted(graph):
         visit(u)
+
+
+def test_old_module_paths_import_the_moved_modules():
+    import importlib
+
+    from deepclean._compat import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old

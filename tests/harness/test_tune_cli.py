@@ -81,6 +81,8 @@ def test_tune_and_hp_file_refusals(tuned, tmp_path, capsys):
         (["run", *COMMON, "--hp-file", str(tmp_path / "missing.json")], "does not exist"),
         (["tune", *COMMON, "--tune-seed", "0", "--seeds", "0"], "also a reported seed"),
         (["tune", *COMMON, "--trials", "0"], "n_trials"),
+        (["run", *COMMON, "--hp-file", hp_file, "--width", "0.25"], "tuned with width"),
+        (["run", *COMMON, "--hp-file", hp_file, "--model", "resnet18"], "tuned for model"),
         (["tune", *COMMON, "--max-passes", "0"], "max_passes"),
     ]
     for argv, message in cases:

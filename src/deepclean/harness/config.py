@@ -220,6 +220,19 @@ def _validate_tuned(cfg: ExperimentConfig) -> None:
             )
         for m in methods:
             method_class(m)
+    protocol = cfg.tuning_protocol
+    for key, have in (("dataset", cfg.dataset), ("width", cfg.width),
+                      ("train_size", cfg.train_size)):
+        if key in protocol and protocol[key] != have:
+            raise ConfigurationError(
+                f"the hyperparameter file was tuned with {key} = {protocol[key]!r}, but this run "
+                f"has {have!r}; tune for this configuration (deepclean tune with the same options)"
+            )
+    if "model" in protocol and protocol["model"] not in cfg.models:
+        raise ConfigurationError(
+            f"the hyperparameter file was tuned for model {protocol['model']!r}, but this run uses "
+            f"{list(cfg.models)}; tune for this model"
+        )
     tune_seed = cfg.tuning_protocol.get("tune_seed")
     if tune_seed is not None and tune_seed in cfg.seeds:
         raise ConfigurationError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ __all__ = [
     "as_tensors",
     "iterate_batches",
     "random_crop_flip",
+    "in_memory",
+    "stream_batches",
     "DEBIAN_FASHION_MNIST",
 ]
 
@@ -347,6 +350,54 @@ def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise DataError(f"expected integer class labels, got dtype {y.dtype}")
     return x, y.long()
+
+
+def in_memory(dataset: Dataset) -> bool:
+    """Whether ``dataset`` is a ``TensorDataset`` of ``(x, y)`` or a ``Subset`` of one: data
+    already in memory, sliced without a copy per sample."""
+    if isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2
+
+
+def stream_batches(
+    dataset: Dataset, *, batch_size: int, num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` batches of any map-style data set of ``(x, y)`` pairs, read through a
+    ``DataLoader`` in the data set's own order (no shuffling), so memory holds one batch at a
+    time and every sample is read (and transformed) afresh. Labels come back as int64.
+
+    Raises:
+        DataError: the data set is empty or not a data set, an item is not an ``(x, y)`` pair, or
+            its labels are not integer class indices.
+    """
+    if isinstance(dataset, (dict, str, bytes, torch.Tensor)) or not hasattr(dataset, "__len__") \
+            or not hasattr(dataset, "__getitem__"):
+        raise DataError(
+            f"expected a torch Dataset of (x, y) pairs, got {type(dataset).__name__}; wrap "
+            "tensors as torch.utils.data.TensorDataset(x, y)"
+        )
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("the data set is empty; expected at least one (x, y) sample")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    try:
+        for item in loader:
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise DataError(
+                    f"expected each sample to be an (x, y) pair, got {type(item).__name__}"
+                )
+            x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+            if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+                raise DataError(
+                    f"expected integer class labels of shape (B,), got {tuple(y.shape)} {y.dtype}"
+                )
+            yield x, y.long()
+    except (KeyError, IndexError, TypeError) as exc:
+        raise DataError(
+            f"could not read (x, y) pairs from the {type(dataset).__name__} given ({exc}); "
+            "expected a torch Dataset whose items are (x, y) pairs"
+        ) from exc
 
 
 def random_crop_flip(

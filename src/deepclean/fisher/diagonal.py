@@ -54,7 +54,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from deepclean._torch import eval_mode
-from deepclean.data.datasets import as_tensors, iterate_batches
+from deepclean.data.datasets import as_tensors, in_memory, stream_batches
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.fisher.rules import (
     _check_model,
@@ -238,6 +238,7 @@ def fisher_diagonal(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    num_workers: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Diagonal of the empirical Fisher information of ``model`` on ``data`` (paper eq. 1).
 
@@ -250,6 +251,11 @@ def fisher_diagonal(
         device: where to compute; default the device of the model's first parameter.
         dtype: compute in this floating dtype (e.g. ``torch.float64`` for tests); default the
             model's dtype.
+        num_workers: ``DataLoader`` workers for a streamed data set (below).
+
+    Data in memory (a ``TensorDataset`` or a ``Subset`` of one) is sliced directly; any other
+    ``Dataset`` is streamed through a ``DataLoader`` in its own order, one batch in memory at a
+    time (:func:`deepclean.data.datasets.stream_batches`), with the same result.
 
     Returns:
         ``{name: tensor}`` for every parameter with ``requires_grad`` in ``named_parameters()``,
@@ -278,9 +284,14 @@ def fisher_diagonal(
     model = unwrap_model(model)  # keys without "module."; no hooks on DataParallel replicas
     _check_model(model)
     check_unique(data, "data set")
-    x_all, y_all = as_tensors(data)
-    check_inputs(x_all, y_all, "data set")
-    check_forward(model, x_all, "data set")
+    if in_memory(data):
+        x_all, y_all = as_tensors(data)
+        check_inputs(x_all, y_all, "data set")
+        check_forward(model, x_all, "data set")
+        batches = ((x_all[i:i + batch_size], y_all[i:i + batch_size])
+                   for i in range(0, x_all.shape[0], batch_size))
+    else:
+        batches = _checked_stream(model, data, batch_size, num_workers)
     first = next(model.parameters(), None)
     if first is None:
         raise ConfigurationError("the model has no parameters; nothing to compute")
@@ -301,14 +312,27 @@ def fisher_diagonal(
         # working dtype, never in bfloat16.
         with (eval_mode(work_model), torch.enable_grad(),
               torch.autocast(device_type=device.type, enabled=False)):
-            for _, xb, yb in iterate_batches(x_all, y_all, batch_size=batch_size, device=device):
+            n = 0
+            for xb, yb in batches:
+                xb, yb = xb.to(device), yb.to(device)
                 if xb.is_floating_point():
                     xb = xb.to(work_dtype)
                 fisher_pass.run(work_model, xb, yb)
+                n += xb.shape[0]
     finally:
         fisher_pass.remove()
-    n = x_all.shape[0]
     return {name: (t / n).cpu() for name, t in totals.items()}
+
+
+def _checked_stream(model: nn.Module, data: Dataset, batch_size: int, num_workers: int):
+    """Batches of a streamed data set, each checked as the in-memory path checks the whole set
+    (finite float inputs, integer labels; the first batch through the model)."""
+    for i, (xb, yb) in enumerate(stream_batches(data, batch_size=batch_size,
+                                                num_workers=num_workers)):
+        check_inputs(xb, yb, "data set")
+        if i == 0:
+            check_forward(model, xb, "data set")
+        yield xb, yb
 
 
 def fisher_diagonal_reference(

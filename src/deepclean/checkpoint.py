@@ -8,7 +8,6 @@ timings) plus the library and torch versions and ``state_sha256``, a hash of eve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from deepclean._digest import state_digest
 from deepclean._torch import strip_module_prefix, unwrap_model
 from deepclean._version import __version__
 from deepclean.errors import CheckpointError
@@ -62,16 +62,6 @@ def _readable_by_umask(path: str | Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of every tensor of a state dict."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any] | None = None) -> Path:

@@ -7,12 +7,12 @@ D_f and D_r are disjoint and together cover the training set; the same seed give
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from deepclean._digest import indices_digest
 from deepclean.errors import DataError
 from deepclean.validation import check_index_values
 
@@ -42,9 +42,7 @@ class ForgetSplit:
     @property
     def digest(self) -> str:
         """SHA-256 of ``n`` and the forget indices: identifies the split in caches and metadata."""
-        h = hashlib.sha256(f"{self.n}:".encode())
-        h.update(self.forget.to(torch.int64).numpy().tobytes())
-        return h.hexdigest()
+        return indices_digest(self.forget, self.n, sort=False)
 
     def manifest(self, *, store_indices: bool = True) -> dict:
         """A JSON-ready description; with ``store_indices=False`` only the hash is kept."""

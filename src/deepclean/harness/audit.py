@@ -20,7 +20,6 @@ text ``<name>.txt`` (:func:`write_audit`), both atomically. It holds
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepclean._digest import indices_digest
 from deepclean._version import __version__
 from deepclean.checkpoint import atomic_write_text, state_digest, strip_module_prefix
 from deepclean.errors import ConfigurationError
@@ -53,15 +53,6 @@ AUDIT_VERSION = 1
 def utc_now() -> str:
     """The current time in UTC, ISO 8601 with seconds."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def indices_digest(indices: Sequence[int] | torch.Tensor, n: int | None = None) -> str:
-    """SHA-256 of sorted int64 forget indices; with ``n`` (training-set size) the same value as
-    :attr:`deepclean.ForgetSplit.digest`."""
-    idx = torch.as_tensor(indices, dtype=torch.int64).flatten().sort().values
-    h = hashlib.sha256(f"{n}:".encode()) if n is not None else hashlib.sha256()
-    h.update(idx.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _state(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

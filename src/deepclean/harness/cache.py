@@ -4,7 +4,6 @@ the training-set Fisher, trained once and reused under a key of everything that 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from deepclean._digest import indices_digest, json_digest
 from deepclean.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -46,11 +46,12 @@ from deepclean.validation import check_same_split
 
 
 def _key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    """The cache key of a model: the first 20 hex digits of its determinants' digest."""
+    return json_digest(payload)[:20]
 
 
 def _digest_indices(index: torch.Tensor) -> str:
-    return hashlib.sha256(index.to(torch.int64).numpy().tobytes()).hexdigest()
+    return indices_digest(index, sort=False)
 
 
 @dataclass

@@ -15,13 +15,13 @@ so a result JSON on disk means its checkpoint and audit record are complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deepclean._digest import json_digest
 from deepclean.checkpoint import load_checkpoint
 from deepclean.errors import CheckpointError, ConfigurationError
 
@@ -147,8 +147,7 @@ def check_writable(folder: str | Path, flag: str) -> None:
 def method_key(payload: Mapping[str, Any]) -> str:
     """SHA-256 of a JSON payload (method hyperparameters are JSON values only, so equal
     hyperparameters give equal keys across processes)."""
-    text = json.dumps(_jsonable(dict(payload)), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_digest(_jsonable(dict(payload)))
 
 
 def load_finished(

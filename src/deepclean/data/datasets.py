@@ -371,8 +371,8 @@ def stream_batches(
         DataError: the data set is empty or not a data set, an item is not an ``(x, y)`` pair, or
             its labels are not integer class indices.
     """
-    if isinstance(dataset, (dict, str, bytes, torch.Tensor)) or not hasattr(dataset, "__len__") \
-            or not hasattr(dataset, "__getitem__"):
+    if isinstance(dataset, (dict, tuple, str, bytes, torch.Tensor)) \
+            or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise DataError(
             f"expected a torch Dataset of (x, y) pairs, got {type(dataset).__name__}; wrap "
             "tensors as torch.utils.data.TensorDataset(x, y)"
@@ -393,10 +393,10 @@ def stream_batches(
                     f"expected integer class labels of shape (B,), got {tuple(y.shape)} {y.dtype}"
                 )
             yield x, y.long()
-    except (KeyError, IndexError, TypeError) as exc:
+    except (KeyError, IndexError, TypeError, RuntimeError) as exc:
         raise DataError(
             f"could not read (x, y) pairs from the {type(dataset).__name__} given ({exc}); "
-            "expected a torch Dataset whose items are (x, y) pairs"
+            "expected a torch Dataset whose items are (x, y) pairs of equal shapes"
         ) from exc
 
 

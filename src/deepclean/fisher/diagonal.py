@@ -82,10 +82,11 @@ __all__ = ["fisher_diagonal", "fisher_diagonal_reference", "eval_mode"]
 class _Call:
     """One call of a parameterised module in the current batch."""
 
-    __slots__ = ("module", "x", "edge", "own", "shared")
+    __slots__ = ("module", "x", "edge", "own", "shared", "hook")
 
     def __init__(self, module: nn.Module, x: torch.Tensor, edge, own: dict, shared: bool) -> None:
         self.module, self.x, self.edge, self.own, self.shared = module, x, edge, own, shared
+        self.hook = None
 
 
 class _FisherPass:
@@ -133,7 +134,7 @@ class _FisherPass:
         self.calls.append(call)
         # Registered before any in-place change of ``output`` (e.g. ReLU(inplace=True)): the
         # hook receives the gradient with respect to the value the layer produced.
-        output.register_hook(lambda grad, call=call: self._backward_hook(call, grad))
+        call.hook = output.register_hook(lambda grad, call=call: self._backward_hook(call, grad))
 
     def _add(self, call: _Call, sums: dict) -> None:
         for local, value in sums.items():
@@ -227,6 +228,13 @@ class _FisherPass:
             for p, value in self.per_sample.items():
                 self.totals[self.names[p]] += value.square_().sum(0)
         finally:
+            # The autograd node holds the hook, the hook holds the call and the call holds the
+            # node (its gradient edge): a cycle through C++ that Python's collector cannot see.
+            # Break it, or every batch's graph and saved inputs would stay alive.
+            for call in self.calls:
+                if call.hook is not None:
+                    call.hook.remove()
+                call.hook, call.edge, call.x = None, None, None
             self.calls, self.deferred, self.per_sample = [], [], {}
 
 

@@ -8,9 +8,9 @@ import torch
 
 from deepclean import TrainConfig, build_model, train_model
 from deepclean.data.splits import random_split
+from deepclean.evaluation import evaluate_model
 from deepclean.evaluation.outputs import build_reference, extended_metrics, model_outputs
 from deepclean.evaluation.summaries import avg_gap, relative_time_efficiency, summary, tug_of_war
-from deepclean.harness.experiment import evaluate_model
 
 GOLD = {"acc_forget": 80.0, "acc_retain": 99.0, "acc_test": 90.0, "mia": 30.0}
 

@@ -141,7 +141,7 @@ def test_the_harness_refuses_a_gold_model_of_another_split(tmp_path, monkeypatch
         return model, meta
 
     monkeypatch.setattr(cache, "_train_or_load", wrong_gold)
-    monkeypatch.setattr(records, "evaluate_model", lambda *a, **k: evaluated.append(1))
+    monkeypatch.setattr(records, "evaluate", lambda *a, **k: evaluated.append(1))
     with pytest.raises(SplitMismatchError, match="gold model was trained on another"):
         run(tiny_config(tmp_path))
     assert not evaluated  # refused before any evaluation

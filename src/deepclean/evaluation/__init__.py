@@ -10,6 +10,7 @@ from deepclean.evaluation.distances import (
     output_distances,
     weight_distance,
 )
+from deepclean.evaluation.evaluate import evaluate, evaluate_model, paper_metrics
 from deepclean.evaluation.metrics import (
     accuracy,
     entropy,
@@ -62,6 +63,8 @@ __all__ = [
     "entropy",
     "entropy_lr_mia",
     "entropy_mia",
+    "evaluate",
+    "evaluate_model",
     "extended_metrics",
     "js_divergence",
     "kl_divergence",
@@ -73,6 +76,7 @@ __all__ = [
     "mia_family",
     "model_outputs",
     "output_distances",
+    "paper_metrics",
     "predict_logits",
     "predict_proba",
     "relative_time_efficiency",

@@ -33,6 +33,7 @@ from deepclean._digest import indices_digest
 from deepclean._version import __version__
 from deepclean.checkpoint import atomic_write_text, state_digest, strip_module_prefix
 from deepclean.errors import ConfigurationError
+from deepclean.evaluation.evaluate import paper_metrics
 from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
 from deepclean.validation import unwrap_model
 
@@ -253,8 +254,7 @@ def evaluate_for_audit(
     reference: dict[str, float] = {}
     if x_retain is not None and y_retain is not None:
         p_r = predict_proba(model, x_retain, device=device)
-        metrics["acc_retain"] = accuracy(p_r, y_retain)
-        metrics["mia"] = entropy_mia(p_r, p_t, p_f)
+        metrics = paper_metrics(p_r, y_retain, p_f, y_forget, p_t, y_test)
         half = p_t.shape[0] // 2
         if half >= 1:
             reference["mia_test_half"] = entropy_mia(p_r, p_t[:half], p_t[half:])

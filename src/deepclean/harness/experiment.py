@@ -36,6 +36,7 @@ from deepclean.checkpoint import (
     save_checkpoint,
 )
 from deepclean.errors import DivergenceError
+from deepclean.evaluation.evaluate import evaluate_model
 from deepclean.evaluation.summaries import summary as summary_of
 from deepclean.harness.audit import utc_now
 from deepclean.harness.cache import (
@@ -73,7 +74,6 @@ from deepclean.harness.records import (
     _resume_key,
     _reuse_finished,
     _write_audit,
-    evaluate_model,
     failed_records,
 )
 from deepclean.harness.resume import (

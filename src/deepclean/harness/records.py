@@ -11,11 +11,9 @@ import torch
 from deepclean._version import __version__
 from deepclean.data.splits import ForgetSplit
 from deepclean.errors import DataError, DivergenceError
-from deepclean.evaluation.metrics import accuracy, entropy_mia, predict_proba
+from deepclean.evaluation.evaluate import evaluate
 from deepclean.evaluation.outputs import (
-    ModelOutputs,
     build_reference,
-    extended_metrics,
     model_outputs,
 )
 from deepclean.harness.audit import audit_record, write_audit
@@ -38,42 +36,6 @@ def _gaps(metrics: dict[str, float], gold_metrics: dict[str, float]) -> dict[str
     }
 
 
-def evaluate_model(
-    model: torch.nn.Module,
-    *,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    split: ForgetSplit,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    device: torch.device | str | None = None,
-    outputs: ModelOutputs | None = None,
-    precision: str = "fp32",
-) -> dict[str, float]:
-    """The paper's metrics of one model.
-
-    Args:
-        outputs: the model's logits on ``x_train`` and ``x_test`` when already computed
-            (:func:`deepclean.evaluation.outputs.model_outputs`); the same softmax is applied.
-        precision: ``"fp32"`` or ``"bf16"``: the forward passes when ``outputs`` is not given
-            (:func:`deepclean.evaluation.metrics.predict_logits`; the logits are float32 either way).
-
-    Returns:
-        ``acc_retain``, ``acc_forget``, ``acc_test`` (accuracy in % on D_r, D_f, test) and ``mia``
-        (% of D_f called member by the entropy attack fitted on D_r vs test).
-    """
-    if outputs is None:
-        probs_train = predict_proba(model, x_train, device=device, precision=precision)
-        probs_test = predict_proba(model, x_test, device=device, precision=precision)
-    else:
-        probs_train, probs_test = outputs.probs_train, outputs.probs_test
-    p_r, p_f = probs_train[split.retain], probs_train[split.forget]
-    return {
-        "acc_retain": accuracy(p_r, y_train[split.retain]),
-        "acc_forget": accuracy(p_f, y_train[split.forget]),
-        "acc_test": accuracy(probs_test, y_test),
-        "mia": entropy_mia(p_r, probs_test, p_f),
-    }
 
 
 def _forgotten_text(cfg: ExperimentConfig, scenario: str, split: ForgetSplit) -> str:
@@ -140,18 +102,15 @@ def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tenso
     reference = build_reference(gold=gold, gold_outputs=outputs(gold), split=split,
                                 original=original, extra=extra)
 
-    def evaluate(model: torch.nn.Module, *, is_gold: bool = False,
-                 extended: bool = True) -> tuple[dict, dict]:
+    def evaluate_one(model: torch.nn.Module, *, is_gold: bool = False,
+                     extended: bool = True) -> tuple[dict, dict]:
         out = reference.gold_outputs if model is gold else outputs(model)
-        metrics = evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
-                                 x_test=data.test_x, y_test=data.test_y, device=device,
-                                 outputs=out, precision=ctx.cfg.precision)
-        if not extended:
-            return metrics, {}
-        return metrics, extended_metrics(model, out, reference, split=split, y_train=y_train,
-                                         y_test=data.test_y, seed=seed, is_gold=is_gold)
+        return evaluate(model, x_train=x_train, y_train=y_train, split=split,
+                        x_test=data.test_x, y_test=data.test_y, outputs=out,
+                        reference=reference if extended else None, seed=seed, is_gold=is_gold,
+                        device=device, precision=ctx.cfg.precision)
 
-    return evaluate
+    return evaluate_one
 
 
 def _resume_key(base: dict[str, Any], original_sha: str, method: str,

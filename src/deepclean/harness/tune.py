@@ -36,8 +36,9 @@ from torch.utils.data import TensorDataset
 from deepclean._version import __version__
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import ConfigurationError
+from deepclean.evaluation.evaluate import evaluate_model
 from deepclean.evaluation.summaries import avg_gap
-from deepclean.harness import cache, config, records
+from deepclean.harness import cache, config
 from deepclean.harness.config import TEST_HALVES_SEED
 from deepclean.harness.experiment import out_dir_lock
 from deepclean.harness.resume import method_key
@@ -135,7 +136,7 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                                             x_train=x_train, y_train=y_train)
 
         def metrics_of(model: torch.nn.Module, split=split) -> dict[str, float]:
-            return records.evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
+            return evaluate_model(model, x_train=x_train, y_train=y_train, split=split,
                                      x_test=x_val, y_test=y_val, device=ctx.device,
                                      precision=cfg.precision)
 

@@ -71,6 +71,8 @@ def test_tuning_scores_on_the_validation_half_and_the_run_reports_the_other(tune
     acc = accuracy(predict_proba(model, data.test_x[report]), data.test_y[report])
     assert rec["metrics"]["acc_test"] == pytest.approx(acc, abs=1e-9)
     assert json.loads((out / "config.json").read_text())["test_half"] == "report"
+    table = (out / "results.md").read_text()
+    assert "Hyperparameters: deepclean tuned, finetune tuned+user." in table
 
 
 def test_tune_and_hp_file_refusals(tuned, tmp_path, capsys):

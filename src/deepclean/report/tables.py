@@ -203,6 +203,19 @@ def _label(row: dict[str, Any]) -> str:
     return f"{row['method']} ({word.lower()} on seed {', '.join(str(s) for s, *_ in row['failed'])})"
 
 
+def hp_sources(records: Iterable[dict[str, Any]]) -> str:
+    """One line saying where each method's hyperparameters came from ("defaults", "tuned" with
+    ``--hp-file``, "user" with ``--hp``), or '' when every method ran at its defaults."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        if r.get("hp_source"):
+            seen[r["method"]].add(r["hp_source"])
+    if all(v == {"defaults"} for v in seen.values()):
+        return ""
+    return "Hyperparameters: " + ", ".join(f"{m} {'/'.join(sorted(v))}"
+                                           for m, v in sorted(seen.items())) + "."
+
+
 def failure_notes(rows: Iterable[dict[str, Any]]) -> list[str]:
     """One line per failed (method, seed) with the reason."""
     return [f"{status.upper()}: {row['method']}, seed {seed}: {why}"
@@ -260,6 +273,10 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
         lines += ["", note, *failure_notes(rows)]
         lines += [m for m in missing_references(records)
                   if f"{dataset} / {model} / {scenario} forgetting" in m]
+        sources = hp_sources(r for r in records if (r.get("dataset"), r.get("model"),
+                                                    r.get("scenario")) == (dataset, model, scenario))
+        if sources:
+            lines.append(sources)
         once = precompute_note(r for r in records if (r.get("dataset"), r.get("model"),
                                                       r.get("scenario")) == (dataset, model, scenario))
         if once:

@@ -60,3 +60,21 @@ def test_the_run_records_the_failure_and_goes_on(tmp_path, capsys):
     # the report rebuilds from the files alone, failures included
     assert main(["report", str(out)]) == 0
     assert "| neggrad (FAILED) |" in (out / "results.md").read_text()
+
+
+def test_a_one_sample_deletion_request_runs_end_to_end(tmp_path):
+    """The most common request, one training index: every attack that cannot be measured on one
+    sample says so instead of stopping the run."""
+    request = tmp_path / "request.json"
+    request.write_text("[5]")
+    out = tmp_path / "one"
+    argv = ["run", "--dataset", "digits", "--train-size", "all", "--model", "small_cnn",
+            "--epochs", "1", "--methods", "deepclean", "--hp", "deepclean.epochs=1",
+            "--forget-indices", str(request), "--no-progress", "--threads", "1",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    rec = json.loads((out / "results" / "digits_small_cnn_indices_deepclean_seed0.json")
+                     .read_text())
+    assert rec["n_forget"] == 1 and rec["metrics"]["acc_forget"] in (0.0, 100.0)
+    assert rec["mia_family"]["loss_lr_accuracy"] is None
+    assert "needs at least 2 samples in D_f" in rec["mia_family"]["loss_lr_reason"]

@@ -324,9 +324,16 @@ def mia_family(
                                  true_label_confidence(p_t, y_test),
                                  true_label_confidence(p_f, y_forget), seed=seed,
                                  max_per_class=efficacy_max_per_class),
+        # a deletion request of one sample cannot be cross-validated: not measurable, said so
         "loss_lr_accuracy": loss_lr_mia(cross_entropy_loss(logits_forget, y_forget),
-                                        cross_entropy_loss(logits_test, y_test), seed=seed),
+                                        cross_entropy_loss(logits_test, y_test), seed=seed)
+        if len(y_forget) >= 2 and len(y_test) >= 2 else None,
     }
+    if out["loss_lr_accuracy"] is None:
+        out["loss_lr_reason"] = (
+            f"the loss-LR attack needs at least 2 samples in D_f and in the test set; got "
+            f"{len(y_forget)} and {len(y_test)}"
+        )
     k = len(reference_forget or [])
     if k < 2:
         out["lira"] = None

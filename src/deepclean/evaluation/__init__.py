@@ -11,6 +11,7 @@ from deepclean.evaluation.distances import (
     weight_distance,
 )
 from deepclean.evaluation.evaluate import evaluate, evaluate_model, paper_metrics
+from deepclean.evaluation.memorisation import memorisation
 from deepclean.evaluation.metrics import (
     accuracy,
     entropy,
@@ -72,6 +73,7 @@ __all__ = [
     "logit_confidence",
     "loss_lr_mia",
     "membership_attack",
+    "memorisation",
     "mia_efficacy",
     "mia_family",
     "model_outputs",

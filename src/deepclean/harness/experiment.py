@@ -37,6 +37,7 @@ from deepclean.checkpoint import (
 )
 from deepclean.errors import DivergenceError
 from deepclean.evaluation.evaluate import evaluate_model
+from deepclean.evaluation.memorisation import memorisation
 from deepclean.evaluation.summaries import summary as summary_of
 from deepclean.harness.audit import utc_now
 from deepclean.harness.cache import (
@@ -82,6 +83,7 @@ from deepclean.harness.resume import (
     check_writable,
     remove_stale_temporaries,
 )
+from deepclean.harness.tuning import test_halves
 from deepclean.methods import make_method, method_class
 from deepclean.precision import (
     autocast,
@@ -229,6 +231,8 @@ def _run_experiment(
             train_fisher = _train_fisher(ctx, model_name=model_name, original=original,
                                          original_meta=original_meta, x_train=x_train,
                                          y_train=y_train)
+            original_meta = original_meta | {
+                "memorisation": _memorisation(ctx, original, subset, x_train, y_train, seed)}
             for scenario in config.scenarios:
                 records += _run_scenario(
                     ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
@@ -238,6 +242,33 @@ def _run_experiment(
     tables = build_report(out_dir, records=records)
     log(tables)
     return records
+
+
+def _memorisation(ctx: _Context, original: torch.nn.Module, subset: torch.Tensor,
+                  x_train: torch.Tensor, y_train: torch.Tensor, seed: int) -> dict[str, Any]:
+    """How much the original model memorised (:func:`deepclean.evaluation.memorisation`): its
+    training subset against held-out samples it never saw: the training images outside the
+    subset when there are any, else the validation half of the test set (never the half that
+    tuning leaves for reporting). Logged, with a warning when it is too small for random
+    forgetting to test anything."""
+    data = ctx.data
+    unused = torch.ones(data.train_x.shape[0], dtype=torch.bool)
+    unused[subset] = False
+    if bool(unused.any()):
+        x_h, y_h, source = data.train_x[unused], data.train_y[unused], "unused training images"
+    else:
+        val, _ = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
+        x_h, y_h, source = data.test_x[val], data.test_y[val], "validation half of the test set"
+        if ctx.cfg.test_half == "all":
+            source += " (also reported: pass --test-half report to keep them apart)"
+    m = memorisation(original, x_train, y_train, x_h, y_h, seed=seed, device=ctx.device,
+                     precision=ctx.cfg.precision) | {"holdout": source}
+    ctx.log(f"  memorisation of the original model: train {m['acc_train']:.2f} % vs held-out "
+            f"{m['acc_holdout']:.2f} % ({source}), loss-attack AUC {m['attack_auc']:.3f}")
+    if m["too_small_for_random_forgetting"] and "random" in ctx.cfg.scenarios:
+        ctx.log("  WARNING: the original model has hardly memorised its training data; random "
+                "forgetting will look solved by any method (train longer or on fewer samples)")
+    return m
 
 
 def _run_scenario(
@@ -305,7 +336,8 @@ def _run_scenario(
         return rec
 
     record("original", original, evaluate(original),
-           {"time_s": None, "train_time_s": original_meta["train_time_s"], "hyperparameters": {}})
+           {"time_s": None, "train_time_s": original_meta["train_time_s"], "hyperparameters": {},
+            "memorisation": original_meta.get("memorisation")})
     record("gold", gold, (gold_metrics, gold_extended),
            {"time_s": gold_meta["train_time_s"], "hyperparameters": cfg.train.to_dict()})
     forget = TensorDataset(x_train[split.forget], y_train[split.forget])

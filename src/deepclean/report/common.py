@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["get_field", "mean_ci", "precompute_note"]
+__all__ = ["get_field", "mean_ci", "memorisation_note", "precompute_note"]
 
 
 def get_field(r: dict[str, Any], *path: str) -> Any:
@@ -41,3 +41,20 @@ def precompute_note(records: Iterable[dict[str, Any]]) -> str:
     return ("DeepClean's time (and Zero Weights') excludes the training-set Fisher I_D, computed "
             "once per original model (--precompute-fisher): "
             + ", ".join(f"{t:.1f}" for t in once) + " s.")
+
+
+def memorisation_note(records: Iterable[dict[str, Any]]) -> str:
+    """One sentence per seed on how much the original model memorised (the ``memorisation``
+    of its record), with a warning when too little for random forgetting to mean anything."""
+    out = []
+    for r in sorted((r for r in records if r.get("method") == "original"
+                     and isinstance(r.get("memorisation"), dict)), key=lambda r: r["seed"]):
+        m = r["memorisation"]
+        text = (f"Memorisation of the original model (seed {r['seed']}): train "
+                f"{m['acc_train']:.2f} % vs held-out {m['acc_holdout']:.2f} % ({m.get('holdout')}), "
+                f"loss-attack AUC {m['attack_auc']:.3f}.")
+        if m.get("too_small_for_random_forgetting"):
+            text += (" WARNING: it has hardly memorised its training data, so random forgetting "
+                     "looks solved by any method.")
+        out.append(text)
+    return " ".join(out)

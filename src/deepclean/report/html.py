@@ -17,7 +17,7 @@ from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
 from deepclean.report.catalogue import columns
-from deepclean.report.common import get_field, mean_ci, precompute_note
+from deepclean.report.common import get_field, mean_ci, memorisation_note, precompute_note
 
 __all__ = ["render_html_report", "write_html_report", "REPORT_METRICS"]
 
@@ -104,6 +104,8 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
     once = precompute_note(recs)
     if once:
         parts.append(f"<p class='note'>{e(once)}</p>")
+    if memorisation_note(recs):
+        parts.append(f"<p class='note'>{e(memorisation_note(recs))}</p>")
     if any(get_field(r, "mia_family", "lira_reason") for r in recs):
         k = max(int(r.get("gold_seeds") or 1) for r in recs)
         parts.append(

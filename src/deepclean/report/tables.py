@@ -28,7 +28,7 @@ from typing import Any
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import CheckpointError
 from deepclean.report.catalogue import columns
-from deepclean.report.common import mean_ci, precompute_note
+from deepclean.report.common import mean_ci, memorisation_note, precompute_note
 
 __all__ = ["load_records", "load_sweep_records", "summarise", "markdown_tables", "csv_table",
            "latex_tables", "write_tables", "mean_ci", "is_failed", "missing_references",
@@ -273,8 +273,11 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
         lines += ["", note, *failure_notes(rows)]
         lines += [m for m in missing_references(records)
                   if f"{dataset} / {model} / {scenario} forgetting" in m]
-        sources = hp_sources(r for r in records if (r.get("dataset"), r.get("model"),
-                                                    r.get("scenario")) == (dataset, model, scenario))
+        group = [r for r in records if (r.get("dataset"), r.get("model"),
+                                        r.get("scenario")) == (dataset, model, scenario)]
+        if memorisation_note(group):
+            lines.append(memorisation_note(group))
+        sources = hp_sources(group)
         if sources:
             lines.append(sources)
         once = precompute_note(r for r in records if (r.get("dataset"), r.get("model"),

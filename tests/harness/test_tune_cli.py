@@ -125,3 +125,23 @@ def test_several_hp_files_merge_and_conflicts_are_refused(tmp_path):
     c = write_hp_file(tmp_path / "c.json", {"class": {"ssd": {"alpha": 2.0}}}, {"tune_seed": 7})
     with pytest.raises(ConfigurationError, match="different seeds|merge files of one tuning seed"):
         read_hp_files([a, c])
+
+
+def test_the_training_set_fisher_is_computed_once_for_all_trials(tmp_path, monkeypatch):
+    import deepclean.harness.tune as tune_module
+    import deepclean.methods.deepclean as dc_module
+
+    computed, passes = [], []
+    real_pre, real_fisher = tune_module.precompute_train_fisher, dc_module.fisher_diagonal
+    monkeypatch.setattr(tune_module, "precompute_train_fisher",
+                        lambda *a, **k: computed.append(1) or real_pre(*a, **k))
+    monkeypatch.setattr(dc_module, "fisher_diagonal",
+                        lambda model, data, **k: passes.append(len(data)) or
+                        real_fisher(model, data, **k))
+    argv = ["tune", *COMMON, "--methods", "deepclean", "--scenarios", "class", "--trials", "3",
+            "--out", str(tmp_path / "t"), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 0
+    assert computed == [1]  # I_D once
+    n_forget = json.loads((tmp_path / "t" / "tuning" / "class_deepclean.json").read_text())
+    assert len(passes) == 3 and len(set(passes)) == 1  # one Fisher pass per trial, over D_f only
+    assert passes[0] < 400 and n_forget["best_score"] is not None

@@ -38,6 +38,7 @@ from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import ConfigurationError
 from deepclean.evaluation.evaluate import evaluate_model
 from deepclean.evaluation.summaries import avg_gap
+from deepclean.fisher.train_fisher import precompute_train_fisher
 from deepclean.harness import cache, config
 from deepclean.harness.config import TEST_HALVES_SEED
 from deepclean.harness.experiment import out_dir_lock
@@ -128,6 +129,13 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
     subset, x_train, y_train = cache._training_subset(ctx, tune_seed)
     original, _ = cache._original_model(ctx, model_name=model_name, seed=tune_seed, subset=subset,
                                      x_train=x_train, y_train=y_train)
+    # Methods that accept a training-set Fisher get I_D once for all their trials: each trial
+    # then runs the Fisher pass over D_f only (I_Dr follows exactly, the same selection).
+    train_fisher = None
+    if any(method_class(m).accepts_train_fisher and method_class(m).search_space(SpaceContext())
+           for m in cfg.methods):
+        train_fisher = precompute_train_fisher(original, TensorDataset(x_train, y_train),
+                                               device=ctx.device)
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
     searches: dict[str, dict[str, Any]] = {}
     for scenario in cfg.scenarios:
@@ -155,7 +163,7 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                 _objective, name=name, original=original, forget=forget, retain=retain,
                 metrics_of=metrics_of, gold_metrics=gold_metrics,
                 base_kwargs=config._method_kwargs(cfg, name, scenario, tune_seed, ctx.device,
-                                              model_name, ctx.data),
+                                                  model_name, ctx.data, train_fisher),
             )
             space_record = {k: p.to_dict() for k, p in space.items()}
             key = method_key({"config": cfg.to_dict() | {"out_dir": None, "progress": None,

@@ -27,7 +27,7 @@ demo: setup data
 	$(VENV)/bin/deepclean run $(RUN_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 test: setup data lint
 	$(PY) -m pytest -q

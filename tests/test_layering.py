@@ -12,11 +12,12 @@ LAYERS = {
     "validation": 1, "checkpoint": 1, "precision": 1, "reproducibility": 1,
     "data": 2,
     "training": 3, "selection": 3, "masking": 3, "fisher": 3,
-    "methods": 4,
-    "evaluation": 5,
+    "evaluation": 4,
+    "methods": 5,
     "report": 6,
     "harness": 7,
-    "cli": 8, "__main__": 8, "__init__": 8,
+    "deletion": 8,
+    "cli": 9, "__main__": 9, "__init__": 9,
 }
 
 

@@ -13,6 +13,7 @@ from deepclean._version import __version__
 from deepclean.data.datasets import ImageData, available_datasets, load_dataset
 from deepclean.data.models import available_models, build_model, resnet18, small_cnn, vgg16_bn
 from deepclean.data.splits import ForgetSplit, class_split, index_split, make_split, random_split
+from deepclean.deletion.api import forget, verify
 from deepclean.errors import (
     CheckpointError,
     ConfigurationError,
@@ -28,6 +29,7 @@ from deepclean.evaluation.distances import (
     kl_divergence,
     weight_distance,
 )
+from deepclean.evaluation.memorisation import memorisation
 from deepclean.evaluation.metrics import (
     accuracy,
     entropy,
@@ -43,6 +45,7 @@ from deepclean.evaluation.mia import (
     mia_family,
 )
 from deepclean.evaluation.summaries import avg_gap, relative_time_efficiency, tug_of_war
+from deepclean.evaluation.verdict import ForgettingVerdict, forgetting_verdict, matched_holdout
 from deepclean.fisher.diagonal import fisher_diagonal, fisher_diagonal_reference
 from deepclean.fisher.train_fisher import TrainFisher, precompute_train_fisher
 from deepclean.harness.audit import audit_record, evaluate_for_audit, format_audit, write_audit
@@ -137,6 +140,14 @@ __all__ = [
     "avg_gap",
     "tug_of_war",
     "relative_time_efficiency",
+    # forgetting without a gold model
+    "ForgettingVerdict",
+    "forgetting_verdict",
+    "matched_holdout",
+    "memorisation",
+    # a user's own model and data: a deletion request
+    "forget",
+    "verify",
     # trust: reproducibility, audit, checks
     "set_deterministic",
     "deterministic",

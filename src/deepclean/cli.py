@@ -6,6 +6,8 @@
     deepclean report RESULTS_DIR  rebuild the tables, figures and HTML report from the JSON files
     deepclean tune [options]      tune every method with the same budget on a seed and a test
                                   half that are never reported; writes a --hp-file for 'run'
+    deepclean forget [options]    unlearn a deletion request from your own model and data
+    deepclean verify [options]    check an unlearned model against held-out data
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report", help="rebuild the tables, figures and HTML report from a results folder")
     report.add_argument("results_dir", help="the --out folder of a run")
+    from deepclean.deletion.cli import add_parsers  # forget, verify: a user's own model and data
+
+    add_parsers(sub)
     return parser
 
 
@@ -188,9 +193,13 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--gold-models", type=int, metavar="K",
                      help="gold models per seed from different seeds (default 1); K >= 2 enables "
                      "the LiRA attack and gold-vs-gold normalised distances")
-    run.add_argument("--gamma", type=float, help="DeepClean threshold for every scenario")
-    run.add_argument("--gamma-random", type=float, help="threshold for random (default 1.1)")
-    run.add_argument("--gamma-class", type=float, help="threshold for class (default 2.0)")
+    run.add_argument("--gamma", type=_gamma,
+                     help="DeepClean threshold for every scenario: a number > 0, or 'auto' (chosen "
+                     "on held-out data the original never saw, no gold model)")
+    run.add_argument("--gamma-random", type=_gamma,
+                     help="threshold for random (default 1.1), or 'auto'")
+    run.add_argument("--gamma-class", type=_gamma,
+                     help="threshold for class (default 2.0), or 'auto'")
     run.add_argument("--unlearn-epochs", type=int, help="fine-tune epochs of DeepClean/Fine-tune")
     run.add_argument("--unlearn-lr", type=float, help="their Adam learning rate (default 1e-3)")
     run.add_argument("--hp", type=_hyperparameter, action="append", default=[],
@@ -342,6 +351,17 @@ def _cmd_report(results_dir: str) -> int:
     return 0
 
 
+def _gamma(text: str) -> float | str:
+    """A gamma from the command line: ``auto`` or a number (checked later with the others)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number > 0 or 'auto', got {text!r}") from None
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -355,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_methods()
         if args.command == "report":
             return _cmd_report(args.results_dir)
+        if args.command in ("forget", "verify"):
+            from deepclean.deletion.cli import run_command
+
+            return run_command(args)
         import torch
 
         from deepclean.harness.experiment import run_experiment

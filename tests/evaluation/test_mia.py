@@ -203,7 +203,9 @@ def test_mia_family_without_two_gold_models_reports_lira_as_none_with_a_reason()
     out = mia_family(z(50), y(50), z(20), y(20), z(40), y(40), reference_forget=[z(20)],
                      reference_test=[z(40)])
     assert out["lira"] is None and "at least 2" in out["lira_reason"]
-    assert set(out) == {"entropy_lr", "efficacy", "loss_lr_accuracy", "lira", "lira_reason"}
+    assert set(out) == {"entropy_lr", "efficacy", "loss_lr_accuracy", "loss_lr_reason", "lira",
+                        "lira_reason"}
+    assert out["loss_lr_reason"] is None
 
 
 def test_gold_model_is_never_its_own_lira_reference():

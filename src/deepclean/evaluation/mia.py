@@ -314,8 +314,10 @@ def mia_family(
     LiRA); with fewer than two, ``lira`` is ``None`` and ``lira_reason`` says why.
 
     Returns:
-        ``{"entropy_lr", "efficacy", "loss_lr_accuracy", "lira", "lira_reason"}``; ``lira`` is
-        :meth:`LiraResult.to_dict` or ``None``.
+        ``{"entropy_lr", "efficacy", "loss_lr_accuracy", "loss_lr_reason", "lira",
+        "lira_reason"}``; ``lira`` is :meth:`LiraResult.to_dict` or ``None``;
+        ``loss_lr_accuracy`` is ``None`` (``loss_lr_reason`` says why) when D_f or test holds
+        fewer than 2 samples (a one-sample deletion request), else ``loss_lr_reason`` is None.
     """
     p_r, p_f, p_t = (torch.softmax(z, 1) for z in (logits_retain, logits_forget, logits_test))
     out: dict[str, Any] = {
@@ -329,11 +331,10 @@ def mia_family(
                                         cross_entropy_loss(logits_test, y_test), seed=seed)
         if len(y_forget) >= 2 and len(y_test) >= 2 else None,
     }
-    if out["loss_lr_accuracy"] is None:
-        out["loss_lr_reason"] = (
-            f"the loss-LR attack needs at least 2 samples in D_f and in the test set; got "
-            f"{len(y_forget)} and {len(y_test)}"
-        )
+    out["loss_lr_reason"] = None if out["loss_lr_accuracy"] is not None else (
+        f"the loss-LR attack needs at least 2 samples in D_f and in the test set; got "
+        f"{len(y_forget)} and {len(y_test)}"
+    )
     k = len(reference_forget or [])
     if k < 2:
         out["lira"] = None

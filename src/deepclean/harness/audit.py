@@ -310,6 +310,12 @@ def format_audit(record: Mapping[str, Any]) -> str:
             lines.append(f"  {group.split('_')[0]} {key + ':':19s}{_fmt(value)}")
     if "acc_forget_minus_acc_test" in ev:
         lines.append(f"  acc_forget - acc_test:  {_fmt(ev['acc_forget_minus_acc_test'])}")
+    if isinstance(ev.get("verdict"), Mapping):
+        lines.append(f"  forgetting verdict:     {ev['verdict'].get('summary')}")
+    if isinstance(m.get("auto_gamma"), Mapping):
+        lines.insert(lines.index("Model") - 1,
+                     f"  gamma chosen (auto):    {_fmt(m['auto_gamma'].get('gamma'))} "
+                     f"({m['auto_gamma'].get('rule')})")
     lines += [
         "",
         "Times (UTC)",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from deepclean.data.datasets import ImageData
 from deepclean.data.models import available_models, build_model
@@ -54,7 +55,9 @@ class ExperimentConfig:
             with the run's seed, the others with seeds ``seed * 1000 + j`` (j = 1 .. K - 1), all
             on the same D_r and cached alike. K >= 2 enables the per-example LiRA attack and
             distances normalised by the gold-vs-gold distance; K = 1 (default) skips both.
-        gamma_random / gamma_class: DeepClean's threshold per scenario (paper: 1.1 and 2.0).
+        gamma_random / gamma_class: DeepClean's threshold per scenario (paper: 1.1 and 2.0), or
+            ``"auto"``: chosen by each run on the ``choice`` half of the held-out pool
+            (:mod:`deepclean.harness.holdout`, :mod:`deepclean.methods.autogamma`).
         unlearn_epochs: fine-tune epochs of DeepClean and Fine-tune.
         unlearn_lr: their Adam learning rate.
         hyperparameters: per-method overrides ``{method: {name: value}}`` (``--hp``); they win
@@ -101,8 +104,8 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("finetune", "deepclean")
     seeds: tuple[int, ...] = (0,)
     gold_seeds: int = 1
-    gamma_random: float = 1.1
-    gamma_class: float = 2.0
+    gamma_random: float | str = 1.1
+    gamma_class: float | str = 2.0
     unlearn_epochs: int = 3
     unlearn_lr: float = 1e-3
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -175,7 +178,7 @@ class ExperimentConfig:
                 # builds each method once (constructors only store and check hyperparameters), so
                 # that a bad value fails now rather than after the models are trained
                 make_method(m, **_method_kwargs(self, m, scenario, 0, torch.device("cpu"),
-                                                self.models[0], None))
+                                                self.models[0], None, holdout=_PLACEHOLDER))
         if not self.seeds:
             raise ConfigurationError("no seed given; expected at least one (e.g. --seeds 0)")
         if len(set(self.seeds)) != len(self.seeds):
@@ -255,6 +258,8 @@ def _validate_more(cfg: ExperimentConfig) -> None:
 
     flags = {"gamma_random": "--gamma-random (or --gamma)", "gamma_class": "--gamma-class (or --gamma)"}
     for key, flag in flags.items():
+        if getattr(cfg, key) == "auto":
+            continue
         try:
             check_gamma(getattr(cfg, key), key)
         except ConfigurationError as exc:
@@ -390,7 +395,14 @@ def _precision_determinants(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
                    device: torch.device, model_name: str,
-                   data: ImageData | None, train_fisher: Any = None) -> dict[str, Any]:
+                   data: ImageData | None, train_fisher: Any = None, *,
+                   holdout: Any = None) -> dict[str, Any]:
+    """Keyword arguments of method ``name`` in this run: what the method declares it takes
+    (:class:`deepclean.methods.base.Unlearner` class attributes) from what the harness has, then
+    tuned values (``--hp-file``), then the user's ``--hp`` values.
+
+    ``holdout`` is the ``choice`` half of the held-out pool (:mod:`deepclean.harness.holdout`),
+    for methods that declare ``harness_args = {..: "holdout"}``; None where there is none."""
     import inspect
 
     cls = method_class(name)
@@ -403,6 +415,7 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
         "model_builder": None if data is None else lambda s: to_memory_format(build_model(
             model_name, in_channels=data.in_channels, num_classes=data.num_classes,
             width=cfg.width, seed=s), cfg.channels_last),
+        "holdout": holdout,
     }
     wanted: dict[str, Any] = {"seed": seed, "device": device, "progress": cfg.progress}
     if cls.scenario_threshold is not None:
@@ -416,6 +429,11 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
     kwargs.update(cfg.tuned_hyperparameters.get(scenario, {}).get(name, {}))
     kwargs.update(cfg.hyperparameters.get(name, {}))
     return kwargs
+
+
+#: Stands in for the held-out pool when the configuration is checked before any data is loaded
+#: (constructors only store and check their arguments).
+_PLACEHOLDER = TensorDataset(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))
 
 
 def _subsample(data: ImageData, train_size: int | None, seed: int) -> torch.Tensor:

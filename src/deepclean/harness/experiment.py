@@ -6,7 +6,11 @@
 2. draws the forget/retain split and writes its manifest,
 3. retrains the gold model from scratch on D_r with the same recipe (or reuses a cached one),
 4. runs each unlearning method on the original model and times the unlearning step alone,
-5. evaluates every model (Acc_Dr, Acc_Df, Acc_test, the paper's entropy MIA, gaps to gold; the
+5. judges every model without the gold model: D_f against held-out samples drawn like it, the
+   forgetting verdict of :func:`deepclean.evaluation.verdict.forgetting_verdict` on the held-out
+   pool of :mod:`deepclean.harness.holdout` (console, results JSON, results.md, report.html and
+   the audit record),
+6. evaluates every model (Acc_Dr, Acc_Df, Acc_test, the paper's entropy MIA, gaps to gold; the
    MIA family of :mod:`deepclean.evaluation.mia`, the distances to gold of :mod:`deepclean.evaluation.distances` and the
    summaries of :mod:`deepclean.evaluation.summaries`) and writes one JSON file per (dataset, model,
    scenario, method, seed), plus the tables, figures and HTML report (:func:`build_report`).
@@ -35,10 +39,11 @@ from torch.utils.data import TensorDataset
 from deepclean.checkpoint import (
     save_checkpoint,
 )
-from deepclean.errors import DivergenceError
+from deepclean.errors import DataError, DivergenceError
 from deepclean.evaluation.evaluate import evaluate_model
 from deepclean.evaluation.memorisation import memorisation
 from deepclean.evaluation.summaries import summary as summary_of
+from deepclean.evaluation.verdict import forgetting_verdict
 from deepclean.harness.audit import utc_now
 from deepclean.harness.cache import (
     _Context,
@@ -65,6 +70,7 @@ from deepclean.harness.config import (
     preset,
     with_overrides,
 )
+from deepclean.harness.holdout import HeldOut, held_out
 from deepclean.harness.locking import exclusive_lock
 from deepclean.harness.records import (
     _evaluate_unlearned,
@@ -108,43 +114,6 @@ __all__ = [
     "run_experiment",
     "with_overrides",
 ]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def run_experiment(
@@ -231,37 +200,31 @@ def _run_experiment(
             train_fisher = _train_fisher(ctx, model_name=model_name, original=original,
                                          original_meta=original_meta, x_train=x_train,
                                          y_train=y_train)
+            val_idx, _ = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
+            pool = held_out(data, subset, seed=seed, test_half=config.test_half,
+                            validation_index=val_idx)
             original_meta = original_meta | {
-                "memorisation": _memorisation(ctx, original, subset, x_train, y_train, seed)}
+                "memorisation": _memorisation(ctx, original, pool, x_train, y_train, seed)}
             for scenario in config.scenarios:
                 records += _run_scenario(
                     ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
                     x_train=x_train, y_train=y_train, original=original,
-                    original_meta=original_meta, train_fisher=train_fisher,
+                    original_meta=original_meta, train_fisher=train_fisher, pool=pool,
                 )
     tables = build_report(out_dir, records=records)
     log(tables)
     return records
 
 
-def _memorisation(ctx: _Context, original: torch.nn.Module, subset: torch.Tensor,
+def _memorisation(ctx: _Context, original: torch.nn.Module, pool: HeldOut,
                   x_train: torch.Tensor, y_train: torch.Tensor, seed: int) -> dict[str, Any]:
     """How much the original model memorised (:func:`deepclean.evaluation.memorisation`): its
     training subset against held-out samples it never saw: the training images outside the
     subset when there are any, else the validation half of the test set (never the half that
     tuning leaves for reporting). Logged, with a warning when it is too small for random
     forgetting to test anything."""
-    data = ctx.data
-    unused = torch.ones(data.train_x.shape[0], dtype=torch.bool)
-    unused[subset] = False
-    if bool(unused.any()):
-        x_h, y_h, source = data.train_x[unused], data.train_y[unused], "unused training images"
-    else:
-        val, _ = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
-        x_h, y_h, source = data.test_x[val], data.test_y[val], "validation half of the test set"
-        if ctx.cfg.test_half == "all":
-            source += " (also reported: pass --test-half report to keep them apart)"
-    m = memorisation(original, x_train, y_train, x_h, y_h, seed=seed, device=ctx.device,
+    source = pool.source
+    m = memorisation(original, x_train, y_train, pool.x, pool.y, seed=seed, device=ctx.device,
                      precision=ctx.cfg.precision) | {"holdout": source}
     ctx.log(f"  memorisation of the original model: train {m['acc_train']:.2f} % vs held-out "
             f"{m['acc_holdout']:.2f} % ({source}), loss-attack AUC {m['attack_auc']:.3f}")
@@ -283,6 +246,7 @@ def _run_scenario(
     original: torch.nn.Module,
     original_meta: dict[str, Any],
     train_fisher: Any = None,
+    pool: HeldOut | None = None,
 ) -> list[dict[str, Any]]:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     split, gold, gold_meta = _split_and_gold(
@@ -335,18 +299,23 @@ def _run_scenario(
         records.append(rec)
         return rec
 
-    record("original", original, evaluate(original),
-           {"time_s": None, "train_time_s": original_meta["train_time_s"], "hyperparameters": {},
-            "memorisation": original_meta.get("memorisation")})
-    record("gold", gold, (gold_metrics, gold_extended),
-           {"time_s": gold_meta["train_time_s"], "hyperparameters": cfg.train.to_dict()})
     forget = TensorDataset(x_train[split.forget], y_train[split.forget])
     retain = TensorDataset(x_train[split.retain], y_train[split.retain])
+    verdict_of = _verdict_judge(ctx, pool, forget, original, scenario, seed)
+    record("original", original, evaluate(original),
+           {"time_s": None, "train_time_s": original_meta["train_time_s"], "hyperparameters": {},
+            "memorisation": original_meta.get("memorisation"), "verdict": verdict_of(original)})
+    gold_verdict = verdict_of(gold)
+    ctx.log(f"  gold: verdict {gold_verdict['summary']}")
+    record("gold", gold, (gold_metrics, gold_extended),
+           {"time_s": gold_meta["train_time_s"], "hyperparameters": cfg.train.to_dict(),
+            "verdict": gold_verdict})
     for name in cfg.methods:
         uses_tf = train_fisher is not None and method_class(name).accepts_train_fisher
         method = make_method(name, **_method_kwargs(cfg, name, scenario, seed, device,
                                                     model_name, data,
-                                                    train_fisher if uses_tf else None))
+                                                    train_fisher if uses_tf else None,
+                                                    holdout=None if pool is None else pool.choice))
         resume_key = _resume_key(base, original_sha, name,
                                  method.hyperparameters() | {"precomputed_fisher": uses_tf})
         done = _reuse_finished(ctx, f"{stem}_{name}_seed{seed}", resume_key)
@@ -377,52 +346,46 @@ def _run_scenario(
             "hp_source": hp_source(cfg, name, scenario),
             "resume_key": resume_key,
             **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
+            **({"auto_gamma": method.info_["auto_gamma"]} if "auto_gamma" in method.info_
+               else {}),
+            "verdict": verdict_of(unlearned),
         }, audit={"method": method, "started_at": started_at, "finished_at": finished_at,
                   "duration_s": seconds})
         ctx.log(f"  {name}: Acc_Dr {metrics['acc_retain']:.2f}  Acc_Df {metrics['acc_forget']:.2f}"
                 f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
                 f"  time {seconds:.1f} s")
+        ctx.log(f"  {name}: verdict {rec['verdict']['summary']}")
     return records
 
 
+def _verdict_judge(ctx: _Context, pool: HeldOut | None, forget: TensorDataset,
+                   original: torch.nn.Module, scenario: str,
+                   seed: int) -> Callable[[torch.nn.Module], dict[str, Any]]:
+    """``verdict_of(model) -> dict``: the forgetting verdict of ``model`` on the ``verdict`` half
+    of the held-out pool (:meth:`ForgettingVerdict.to_dict`), or ``{"summary": "not measurable:
+    ...", "passed": None}`` when the pool cannot judge it (no pool, or a class of D_f with no
+    held-out sample). Class forgetting judges utility on held-out samples of the other classes;
+    random forgetting and a deletion request on held-out samples of every class."""
+    if pool is None:
+        return lambda model: {"summary": "not measurable: no held-out data", "passed": None}
+    xv, yv = pool.verdict.tensors
+    if scenario == "class":
+        keep = ~torch.isin(yv, forget.tensors[1].unique())
+        retained = TensorDataset(xv[keep], yv[keep])
+    else:
+        retained = pool.verdict
 
+    def verdict_of(model: torch.nn.Module) -> dict[str, Any]:
+        try:
+            v = forgetting_verdict(model, forget, pool.verdict, original=original,
+                                   retained_holdout=retained, seed=seed, device=ctx.device)
+        except DataError as exc:
+            return {"summary": f"not measurable: {exc}", "passed": None}
+        return v.to_dict() | {"holdout": pool.source}
 
-
-
-
-
+    return verdict_of
 
 
 # --- shared with the gamma sweep (deepclean.harness.sweep): data, original, split, gold, evaluation ---
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 

@@ -156,4 +156,8 @@ def _write_audit(ctx: _Context, name: str, audit: dict[str, Any], *, original: t
                **({"precompute_time_s": rec["precompute_time_s"]}
                   if "precompute_time_s" in rec else {})},
     )
+    if "verdict" in rec:  # judged without the gold model: what a deletion request can show
+        report["evaluation"]["verdict"] = rec["verdict"]
+    if "auto_gamma" in rec:
+        report["method"]["auto_gamma"] = rec["auto_gamma"]
     write_audit(report, ctx.out_dir / "audit", name)

@@ -70,7 +70,8 @@ class Unlearner(ABC):
     in_all: ClassVar[bool] = True
     #: constructor argument -> harness value: ``"unlearn_epochs"`` / ``"unlearn_lr"``
     #: (``--unlearn-epochs`` / ``--unlearn-lr``), ``"train_recipe"`` (the original model's
-    #: training recipe), ``"model_builder"`` (a function ``seed -> fresh model``).
+    #: training recipe), ``"model_builder"`` (a function ``seed -> fresh model``), ``"holdout"``
+    #: (samples the original never trained on, for the method's own choices, e.g. auto-gamma).
     harness_args: ClassVar[dict[str, str]] = {}
     #: constructor arguments that are collaborators (models, functions, precomputed tensors),
     #: not hyperparameters: never recorded by :meth:`hyperparameters`.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from deepclean.errors import ConfigurationError
 from deepclean.fisher.diagonal import fisher_diagonal
 from deepclean.fisher.train_fisher import TrainFisher
 from deepclean.masking import BN_STATS, masked_finetune
+from deepclean.methods.autogamma import auto_gamma, check_holdout_disjoint, no_holdout_error
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
@@ -17,6 +18,7 @@ from deepclean.methods.base import (
     check_positive_int,
     register_method,
 )
+from deepclean.methods.dynamic import dynamic_masked_finetune
 from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 from deepclean.selection import check_mask, mask_summary, select_weights
 
@@ -46,7 +48,28 @@ class DeepClean(Unlearner):
     (:func:`masked_finetune`). The whole of (1)-(4) is the timed unlearning step.
 
     Hyperparameters:
-        gamma: selection threshold (paper: 1.1 random samples, 2.0 a class). Default 1.1.
+        gamma: selection threshold (paper: 1.1 random samples, 2.0 a class). Default 1.1. Or
+            ``"auto"``: chosen on held-out data from the Fisher pair already computed
+            (:mod:`deepclean.methods.autogamma`: candidates by reset share, short fine-tunes on a
+            subset of D_r, a forgetting verdict on small held-out slices; at most
+            ``1 + auto_budget`` times the fine-tune steps of a fixed-gamma run). Needs
+            ``holdout``; without it the constructor raises ``ConfigurationError`` naming the fix,
+            which is why the library's default stays 1.1.
+        holdout: held-out ``(x, y)`` Dataset for ``gamma="auto"``: samples the original model
+            never trained on, drawn like the training data (not the test half results are
+            reported on). A collaborator, not a hyperparameter (``info_["holdout_size"]`` records
+            its size). Ignored with a numeric gamma.
+        auto_budget: share (0 to 0.5) of the full fine-tune's steps that all candidates of the
+            search may use together. Default 0.4.
+        auto_candidates: candidates the search evaluates at most (bisection over 8 reset shares
+            needs 3). Default 3.
+        auto_eval_size: largest slice of D_f, matched held-out and retained held-out samples a
+            candidate is scored on. Default 256.
+        refresh_every: dynamic Fisher (paper limitation 3, :mod:`deepclean.methods.dynamic`):
+            every so many fine-tune steps recompute the ratio on the current model and grow W_f
+            (newly selected weights set to 0 and trained; the rest stays bitwise frozen).
+            Default 0: off, the paper's static selection.
+        refresh_size: D_r samples per refresh (None: all of D_r).
         epochs: fine-tune epochs on D_r (paper: 3 for CIFAR, 1 for MNIST). Default 3.
         lr: initial Adam learning rate (paper 1e-3).
         batch_size: fine-tune batch size. Default 128.
@@ -61,7 +84,14 @@ class DeepClean(Unlearner):
         seed: seeds the fine-tune's shuffling.
 
     After :meth:`unlearn`, ``mask_`` holds the selection and ``info_`` the number and share of
-    weights reset (``n_reset``, ``n_weights``, ``share_reset`` as a fraction).
+    weights reset (``n_reset``, ``n_weights``, ``share_reset`` as a fraction) and the gamma used
+    (``gamma``); with ``gamma="auto"`` also ``auto_gamma``: the candidates tried (gamma, target
+    and actual reset share, scores, verdict numbers), the chosen index, the rule and the cost
+    counts (JSON values only, see :class:`deepclean.methods.autogamma.AutoGammaResult`).
+
+    Raises (constructor):
+        ConfigurationError: ``gamma="auto"`` without ``holdout``; a non-positive gamma or lr;
+            ``auto_budget`` outside [0, 0.5]; a holdout that is not a Dataset.
     """
 
     name = "deepclean"
@@ -69,25 +99,53 @@ class DeepClean(Unlearner):
     reference = "Shi et al., DeepClean, arXiv 2311.10448 (2023)"
     scenario_threshold = "gamma"
     accepts_train_fisher = True
-    harness_args = {"epochs": "unlearn_epochs", "lr": "unlearn_lr"}
-    collaborators = ("train_fisher",)
+    harness_args = {"epochs": "unlearn_epochs", "lr": "unlearn_lr", "holdout": "holdout"}
+    collaborators = ("train_fisher", "holdout")
 
     def __init__(
         self,
         *,
-        gamma: float = 1.1,
+        gamma: float | str = 1.1,
         epochs: int = 3,
         lr: float = 1e-3,
         batch_size: int = 128,
         fisher_batch_size: int = 256,
         bn_stats: str = "update",
         train_fisher: TrainFisher | None = None,
+        holdout: Dataset | None = None,
+        auto_budget: float = 0.4,
+        auto_candidates: int = 3,
+        auto_eval_size: int = 256,
+        refresh_every: int = 0,
+        refresh_size: int | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
-        check_positive(gamma=gamma, lr=lr)
+        check_non_negative_int(refresh_every=refresh_every)
+        if refresh_size is not None:
+            check_positive_int(refresh_size=refresh_size)
+        if gamma == "auto":
+            if holdout is None:
+                raise no_holdout_error()
+        elif isinstance(gamma, str):
+            raise ConfigurationError(
+                f"gamma must be a finite number > 0 or 'auto', got {gamma!r}; e.g. gamma=1.1")
+        else:
+            check_positive(gamma=gamma)
+        check_positive(lr=lr)
+        if holdout is not None and not (hasattr(holdout, "__len__")
+                                        and hasattr(holdout, "__getitem__")):
+            raise ConfigurationError(
+                f"holdout must be a torch Dataset of (x, y) pairs or None, got "
+                f"{type(holdout).__name__}; wrap tensors as TensorDataset(x, y)")
+        if not (isinstance(auto_budget, (int, float)) and not isinstance(auto_budget, bool)
+                and 0 <= auto_budget <= 0.5):
+            raise ConfigurationError(
+                f"auto_budget must be a number in [0, 0.5] (a share of the fine-tune's steps), "
+                f"got {auto_budget!r}")
+        check_positive_int(auto_candidates=auto_candidates, auto_eval_size=auto_eval_size)
         if train_fisher is not None and not isinstance(train_fisher, TrainFisher):
             raise ConfigurationError(
                 f"train_fisher must be a TrainFisher (deepclean.precompute_train_fisher) or None, "
@@ -104,7 +162,20 @@ class DeepClean(Unlearner):
         self.fisher_batch_size = fisher_batch_size
         self.bn_stats = bn_stats
         self.train_fisher = train_fisher
+        self.holdout = holdout
+        self.auto_budget = auto_budget
+        self.auto_candidates = auto_candidates
+        self.auto_eval_size = auto_eval_size
+        self.refresh_every = refresh_every
+        self.refresh_size = refresh_size
         self.mask_: dict[str, torch.Tensor] | None = None
+
+    def unlearn(self, model: nn.Module, forget: Dataset, retain: Dataset) -> nn.Module:
+        """As :meth:`Unlearner.unlearn`; with ``gamma="auto"`` the held-out set is first checked
+        not to be D_f or D_r, nor to share samples with them (``DataError``)."""
+        if self.gamma == "auto" and self.holdout is not None:
+            check_holdout_disjoint(self.holdout, forget, retain)
+        return super().unlearn(model, forget, retain)
 
     def fisher_pair(
         self, model: nn.Module, xf: torch.Tensor, yf: torch.Tensor, xr: torch.Tensor,
@@ -128,7 +199,18 @@ class DeepClean(Unlearner):
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
         fisher_f, fisher_r = self.fisher_pair(model, xf, yf, xr, yr, device)
-        return self.apply_selection(model, fisher_f, fisher_r, xr, yr, device)
+        gamma = None
+        if self.gamma == "auto":
+            result = auto_gamma(
+                model, fisher_f, fisher_r, xf, yf, xr, yr, holdout=self.holdout,
+                epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                bn_stats=self.bn_stats, seed=self.seed, device=device, budget=self.auto_budget,
+                max_candidates=self.auto_candidates, eval_size=self.auto_eval_size)
+            gamma = result.gamma
+            self.info_["auto_gamma"] = result.to_info()
+            self.info_["holdout_size"] = len(self.holdout)
+        return self.apply_selection(model, fisher_f, fisher_r, xr, yr, device, gamma=gamma,
+                                    xf=xf, yf=yf)
 
     def apply_selection(
         self,
@@ -138,14 +220,46 @@ class DeepClean(Unlearner):
         xr: torch.Tensor,
         yr: torch.Tensor,
         device: torch.device,
+        *,
+        gamma: float | None = None,
+        xf: torch.Tensor | None = None,
+        yf: torch.Tensor | None = None,
     ) -> nn.Module:
         """Steps (2)-(4) on ``model`` in place, from precomputed Fisher diagonals (used by the
-        gamma sweep, which computes the two diagonals once)."""
-        mask = select_weights(fisher_forget, fisher_retain, self.gamma)
+        gamma sweep, which computes the two diagonals once) at ``gamma`` (default: the method's
+        numeric ``gamma``). With ``refresh_every`` the fine-tune is dynamic and needs D_f
+        (``xf``, ``yf``).
+
+        Raises:
+            ConfigurationError: no numeric gamma (``gamma="auto"`` and none passed), or
+                ``refresh_every`` without ``xf``/``yf``.
+        """
+        gamma = self.gamma if gamma is None else gamma
+        if gamma == "auto":
+            raise ConfigurationError(
+                "apply_selection needs a numeric gamma; with gamma='auto' call unlearn(), which "
+                "chooses it, or pass gamma=<number>")
+        mask = select_weights(fisher_forget, fisher_retain, gamma)
         reset_weights(model, mask)
         self.mask_ = mask
         selected, total = mask_summary(mask)
-        self.info_.update(n_reset=selected, n_weights=total, share_reset=selected / total)
+        self.info_.update(n_reset=selected, n_weights=total, share_reset=selected / total,
+                          gamma=float(gamma))
+        if self.refresh_every and self.epochs:
+            if xf is None or yf is None:
+                raise ConfigurationError(
+                    "refresh_every needs D_f for the recomputed Fisher; pass xf and yf to "
+                    "apply_selection, or use unlearn()")
+            out, mask, refreshes = dynamic_masked_finetune(
+                model, mask, xf, yf, xr, yr, gamma=float(gamma), refresh_every=self.refresh_every,
+                epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                generator=self.generator(), device=device, bn_stats=self.bn_stats,
+                fisher_batch_size=self.fisher_batch_size, refresh_size=self.refresh_size)
+            self.mask_ = mask
+            final, _ = mask_summary(mask)
+            self.info_.update(n_reset_initial=selected, n_reset=final,
+                              share_reset=final / total, refreshes=refreshes)
+            return out
         return masked_finetune(
             model, mask, xr, yr, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator(), device=device, bn_stats=self.bn_stats,
@@ -166,8 +280,9 @@ class DeepClean(Unlearner):
 class ZeroWeights(DeepClean):
     """Ablation "Zero Weights" (paper Table 4): DeepClean's reset of W_f without the fine-tune.
 
-    Same selection as :class:`DeepClean` (``gamma``, ``fisher_batch_size``, ``train_fisher``); the
-    timed step is the Fisher passes and the reset.
+    Same selection as :class:`DeepClean` (``gamma``, ``fisher_batch_size``, ``train_fisher``;
+    ``gamma="auto"`` with ``holdout`` scores the reset models without fine-tunes, so its search
+    costs only forward passes); the timed step is the Fisher passes and the reset.
     """
 
     name = "zero_weights"
@@ -175,20 +290,26 @@ class ZeroWeights(DeepClean):
     reference = "Shi et al., DeepClean, arXiv 2311.10448 (2023), Table 4"
     scenario_threshold = "gamma"
     accepts_train_fisher = True
-    collaborators = ("train_fisher",)
+    harness_args = {"holdout": "holdout"}
+    collaborators = ("train_fisher", "holdout")
 
     def __init__(
         self,
         *,
-        gamma: float = 1.1,
+        gamma: float | str = 1.1,
         fisher_batch_size: int = 256,
         train_fisher: TrainFisher | None = None,
+        holdout: Dataset | None = None,
+        auto_candidates: int = 3,
+        auto_eval_size: int = 256,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
     ) -> None:
         super().__init__(gamma=gamma, epochs=0, fisher_batch_size=fisher_batch_size,
-                         train_fisher=train_fisher, seed=seed, device=device, progress=progress)
+                         train_fisher=train_fisher, holdout=holdout,
+                         auto_candidates=auto_candidates, auto_eval_size=auto_eval_size,
+                         seed=seed, device=device, progress=progress)
 
     @classmethod
     def search_space(cls, context: SpaceContext) -> dict[str, Param]:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["get_field", "mean_ci", "memorisation_note", "precompute_note"]
+__all__ = ["get_field", "mean_ci", "memorisation_note", "precompute_note", "verdict_lines"]
 
 
 def get_field(r: dict[str, Any], *path: str) -> Any:
@@ -58,3 +58,26 @@ def memorisation_note(records: Iterable[dict[str, Any]]) -> str:
                      "looks solved by any method.")
         out.append(text)
     return " ".join(out)
+
+
+def verdict_lines(records: Iterable[dict[str, Any]]) -> list[str]:
+    """The forgetting verdict of every model (the ``verdict`` of its record, judged without the
+    gold model: D_f against held-out samples drawn like it): a heading sentence, then one line
+    per model with the seeds it passed in and the first seed's summary. An empty list when no
+    record holds a verdict (results of earlier versions)."""
+    by_method: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for r in sorted(records, key=lambda r: r.get("seed", 0)):
+        v = r.get("verdict")
+        if isinstance(v, dict) and v.get("summary"):
+            by_method.setdefault(r["method"], []).append((r.get("seed", 0), v))
+    if not by_method:
+        return []
+    out = ["Forgetting verdict, no gold model needed (D_f against held-out samples drawn like it; "
+           "the gold model should pass and the original should not):"]
+    for method, items in by_method.items():
+        measured = [v for _, v in items if v.get("passed") is not None]
+        passed = sum(1 for v in measured if v["passed"])
+        seed, first = items[0]
+        out.append(f"- {method}: passed in {passed} of {len(measured)} seed(s); seed {seed}: "
+                   f"{first['summary']}")
+    return out

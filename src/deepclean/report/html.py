@@ -17,7 +17,13 @@ from typing import Any
 
 from deepclean.checkpoint import atomic_write_text
 from deepclean.report.catalogue import columns
-from deepclean.report.common import get_field, mean_ci, memorisation_note, precompute_note
+from deepclean.report.common import (
+    get_field,
+    mean_ci,
+    memorisation_note,
+    precompute_note,
+    verdict_lines,
+)
 
 __all__ = ["render_html_report", "write_html_report", "REPORT_METRICS"]
 
@@ -106,6 +112,11 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
         parts.append(f"<p class='note'>{e(once)}</p>")
     if memorisation_note(recs):
         parts.append(f"<p class='note'>{e(memorisation_note(recs))}</p>")
+    verdicts = verdict_lines(recs)
+    if verdicts:
+        items = "".join(f"<li>{e(line.removeprefix('- '))}</li>" for line in verdicts[1:])
+        parts.append(f"<h3>Forgetting verdict</h3><p class='note'>{e(verdicts[0])}</p>"
+                     f"<ul>{items}</ul>")
     if any(get_field(r, "mia_family", "lira_reason") for r in recs):
         k = max(int(r.get("gold_seeds") or 1) for r in recs)
         parts.append(

@@ -1,0 +1,89 @@
+"""``deepclean run`` judges every model without the gold model (the forgetting verdict) and runs
+DeepClean with ``--gamma auto`` on the held-out pool's choice half."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deepclean.cli import main
+from deepclean.data.datasets import ImageData
+from deepclean.errors import ConfigurationError
+from deepclean.harness.config import ExperimentConfig
+from deepclean.harness.holdout import held_out
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "run"
+    argv = ["run", "--dataset", "digits", "--train-size", "all", "--model", "small_cnn",
+            "--epochs", "2", "--methods", "deepclean,finetune", "--hp", "finetune.epochs=1",
+            "--hp", "deepclean.epochs=1", "--scenarios", "class", "--no-progress",
+            "--threads", "1", "--test-half", "report", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), *extra]
+    assert main(argv) == 0
+    return out
+
+
+def test_run_records_a_verdict_for_every_model_and_auto_gamma(tmp_path, capsys):
+    out = _run(tmp_path, "--gamma", "auto")
+    log = capsys.readouterr().out
+    recs = {m: json.loads((out / "results" / f"digits_small_cnn_class_{m}_seed0.json")
+                          .read_text()) for m in ("original", "gold", "deepclean", "finetune")}
+    for m, rec in recs.items():
+        v = rec["verdict"]
+        assert v["passed"] in (True, False), (m, v)
+        assert v["summary"].split(":")[0] in ("FORGOTTEN", "NOT FORGOTTEN",
+                                               "FORGOTTEN, UTILITY LOST")
+        assert v["scenario"] == "class"
+        assert v["holdout"] == "validation half of the test set"  # digits: all images trained on
+        assert f"  {m}: verdict {v['summary']}" in log or m == "original"
+    # the original still knows the forgotten class; the gold model never saw it
+    assert recs["original"]["verdict"]["forgotten"] is False
+    assert recs["gold"]["verdict"]["metrics"]["acc_forget"] < 5.0
+    dc = recs["deepclean"]
+    assert dc["hyperparameters"]["gamma"] == "auto"
+    assert dc["gamma"] == dc["auto_gamma"]["gamma"] > 0  # the threshold it chose
+    assert "candidates" in dc["auto_gamma"] and "rule" in dc["auto_gamma"]
+    md = (out / "results.md").read_text()
+    assert "Forgetting verdict, no gold model needed" in md
+    assert "- deepclean: passed in" in md
+    assert "Forgetting verdict" in (out / "report.html").read_text()
+    audit = json.loads((out / "audit" / "digits_small_cnn_class_deepclean_seed0.json").read_text())
+    assert audit["evaluation"]["verdict"]["summary"] == dc["verdict"]["summary"]
+    assert audit["method"]["auto_gamma"]["gamma"] == dc["gamma"]
+    text = (out / "audit" / "digits_small_cnn_class_deepclean_seed0.txt").read_text()
+    assert f"forgetting verdict:     {dc['verdict']['summary']}" in text
+    assert "gamma chosen (auto):" in text
+
+
+def test_held_out_halves_are_disjoint_and_never_the_training_subset():
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(name="toy", train_x=torch.randn(100, 1, 4, 4, generator=g),
+                     train_y=torch.arange(100) % 3, test_x=torch.randn(40, 1, 4, 4, generator=g),
+                     test_y=torch.arange(40) % 3, num_classes=3)
+    subset = torch.arange(0, 100, 2)
+    pool = held_out(data, subset, seed=0, test_half="report", validation_index=torch.arange(20))
+    assert pool.source == "unused training images" and len(pool.y) == 50
+    xc, xv = pool.choice.tensors[0], pool.verdict.tensors[0]
+    assert len(xc) == len(xv) == 25
+    flat = lambda x: {tuple(r.tolist()) for r in x.flatten(1)}  # noqa: E731
+    assert not flat(xc) & flat(xv)
+    assert not (flat(xc) | flat(xv)) & flat(data.train_x[subset])
+    again = held_out(data, subset, seed=0, test_half="report", validation_index=torch.arange(20))
+    assert torch.equal(again.choice.tensors[0], xc)  # same seed, same halves
+    everything = held_out(data, torch.arange(100), seed=0, test_half="all",
+                          validation_index=torch.arange(20))
+    assert everything.source.startswith("validation half of the test set (also reported")
+    assert len(everything.choice) == len(everything.verdict) == 10
+
+
+def test_bad_gamma_on_the_command_line_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--gamma", "automatic", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "expected a number > 0 or 'auto', got 'automatic'" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="gamma_random must be"):
+        ExperimentConfig(gamma_random=-1.0).validate()
+    ExperimentConfig(gamma_random="auto", gamma_class="auto").validate()  # no data needed yet

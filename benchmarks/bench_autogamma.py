@@ -50,7 +50,8 @@ def _metrics(model, xf, yf, xr, yr, xt, yt) -> dict[str, float]:
 
 
 def run_case(data, *, model_name: str, width: float, seed: int, scenario: str, train_size: int,
-             epochs: int, ft_epochs: int, holdout_size: int | None = None) -> dict:
+             epochs: int, ft_epochs: int, holdout_size: int | None = None,
+             refresh_every: int = 0) -> dict:
     g = torch.Generator().manual_seed(1000 + seed)
     perm = torch.randperm(len(data.train_y), generator=g)
     end = None if holdout_size is None else train_size + holdout_size
@@ -72,8 +73,11 @@ def run_case(data, *, model_name: str, width: float, seed: int, scenario: str, t
     gold_time = time.perf_counter() - t0
     rows = {"original": {"model": original, "time_s": None},
             "gold": {"model": gold, "time_s": gold_time}}
-    for label, gamma in (("deepclean_paper", PAPER_GAMMA[scenario]), ("deepclean_auto", "auto")):
-        m = DeepClean(gamma=gamma, epochs=ft_epochs, seed=seed,
+    variants = [("deepclean_paper", PAPER_GAMMA[scenario], 0), ("deepclean_auto", "auto", 0)]
+    if refresh_every:  # dynamic Fisher (paper limitation 3) against static, at the paper's gamma
+        variants.append(("deepclean_dynamic", PAPER_GAMMA[scenario], refresh_every))
+    for label, gamma, refresh in variants:
+        m = DeepClean(gamma=gamma, epochs=ft_epochs, seed=seed, refresh_every=refresh,
                       holdout=TensorDataset(xh, yh) if gamma == "auto" else None)
         t0 = time.perf_counter()
         out = m.unlearn(original, TensorDataset(xf, yf), TensorDataset(xr, yr))
@@ -83,8 +87,7 @@ def run_case(data, *, model_name: str, width: float, seed: int, scenario: str, t
     record = {"seed": seed, "scenario": scenario, "dataset": data.name, "model": model_name,
               "width": width, "train_size": train_size, "holdout_size": len(yh),
               "n_forget": len(yf), "epochs": epochs, "ft_epochs": ft_epochs,
-              "memorisation": memorisation(original, TensorDataset(xr, yr),
-                                           TensorDataset(xh, yh)),
+              "memorisation": memorisation(original, xr, yr, xh, yh, seed=seed),
               "rows": {}}
     for label, row in rows.items():
         met = _metrics(row["model"], xf, yf, xr, yr, data.test_x, data.test_y)
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                     "split; default all of the rest")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--refresh-every", type=int, default=0,
+                    help="also run DeepClean at the paper's gamma with the dynamic Fisher, "
+                    "recomputed every K fine-tune steps (0: off)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/autogamma"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(seed)
             rec = run_case(data, model_name=args.model, width=args.width, seed=seed,
                            scenario=scenario, train_size=args.train_size, epochs=args.epochs,
-                           ft_epochs=args.ft_epochs, holdout_size=args.holdout_size)
+                           ft_epochs=args.ft_epochs, holdout_size=args.holdout_size,
+                           refresh_every=args.refresh_every)
             name = f"{args.dataset}_{args.model}_{scenario}_seed{seed}.json"
             (args.out / name).write_text(json.dumps(rec, indent=1, allow_nan=False))
             for label, r in rec["rows"].items():

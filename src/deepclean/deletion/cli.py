@@ -468,9 +468,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         staging.commit()
     finally:
         staging.discard()
-    print(record["summary"])
-    for note in record.get("notes", []):
-        print(f"note: {note}")
+    _print_summary(record)
     if record["status"] == "cannot verify":
         print("not verifiable without --holdout: " + "; ".join(record["cannot_verify"]))
     print(f"gamma {record['unlearning'].get('gamma')} ({record['unlearning'].get('gamma_source')})"
@@ -478,6 +476,13 @@ def _cmd_forget(args: argparse.Namespace) -> int:
           f" weights changed, {record['unlearning']['duration_s']:.1f} s")
     print(f"written to {out}/ ({', '.join(RESULT_FILES)})")
     return EXIT_VERIFIED if record["verified"] else EXIT_NOT_VERIFIED
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    """The verdict line and its notes, as the console shows them."""
+    print(record["summary"])
+    for note in record.get("notes", []):
+        print(f"note: {note}")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -503,9 +508,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             staging.commit()
         finally:
             staging.discard()
-    print(record["summary"])
-    for note in record.get("notes", []):
-        print(f"note: {note}")
+    _print_summary(record)
     if out is not None:
         print(f"written to {out}/ (verification.json, report.html)")
     return EXIT_VERIFIED if record["verified"] else EXIT_NOT_VERIFIED

@@ -145,3 +145,18 @@ def test_the_training_set_fisher_is_computed_once_for_all_trials(tmp_path, monke
     n_forget = json.loads((tmp_path / "t" / "tuning" / "class_deepclean.json").read_text())
     assert len(passes) == 3 and len(set(passes)) == 1  # one Fisher pass per trial, over D_f only
     assert passes[0] < 400 and n_forget["best_score"] is not None
+
+
+def test_fisher_forgetting_gets_the_true_fisher_once_per_search(tmp_path, monkeypatch):
+    import deepclean.methods.fisher_forgetting as ff_module
+
+    calls = []
+    real = ff_module.true_fisher_diagonal
+    monkeypatch.setattr(ff_module, "true_fisher_diagonal",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    argv = ["tune", *COMMON, "--methods", "fisher_forgetting", "--scenarios", "class",
+            "--trials", "3", "--out", str(tmp_path / "t"), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 0
+    assert calls == [1]  # once for the search, not once per trial
+    search = json.loads((tmp_path / "t" / "tuning" / "class_fisher_forgetting.json").read_text())
+    assert len(search["trials"]) == 3 and search["best_score"] is not None

@@ -180,6 +180,12 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                     tuned[scenario][name] = {k: done["best"][k] for k in space}
                 continue
             log(f"  {scenario} / {name}: {n_trials} trials over {sorted(space)}")
+            shared = method_class(name).tuning_collaborators(original, forget, retain,
+                                                             device=ctx.device)
+            if shared:  # work no searched value changes, done once for every trial
+                log(f"  {scenario} / {name}: computed once for all trials: {sorted(shared)}")
+                objective = partial(objective, base_kwargs=objective.keywords["base_kwargs"]
+                                    | shared)
             result = tune(objective, space, n_trials=n_trials, seed=tune_seed)
             _log_result(log, scenario, name, result)
             if result.best:

@@ -168,6 +168,22 @@ class Unlearner(ABC):
         return f"{type(self).__name__}({args})"
 
     @classmethod
+    def tuning_collaborators(cls, model: nn.Module, forget: Dataset, retain: Dataset, *,
+                             device: torch.device | str | None = None) -> dict[str, Any]:
+        """Work that no searched hyperparameter changes, done once per search by ``deepclean
+        tune`` and passed to every trial as constructor arguments (collaborators).
+
+        Args:
+            model: the original model of the search; not modified.
+            forget, retain: D_f and D_r of the search.
+            device: where to compute.
+
+        Returns:
+            ``{constructor argument: value}``; the default, ``{}``, shares nothing.
+        """
+        return {}
+
+    @classmethod
     def search_space(cls, context: SpaceContext) -> dict[str, Param]:
         """The hyperparameters ``deepclean tune`` searches, with their ranges.
 

@@ -15,6 +15,7 @@ trap for DeepClean; here the opposite holds: the paper's Fisher is the model's o
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -188,6 +189,12 @@ class FisherForgetting(Unlearner):
             ``"never"``: do not. Only the ``authors`` form uses it.
         fisher_batch_size: batch size of the Fisher passes (does not change the result).
             Default 256.
+        retain_fisher: optional precomputed true Fisher diagonal of this model on exactly this
+            D_r (:func:`true_fisher_diagonal`, ``{name: tensor}`` shaped like the trainable
+            parameters); then no Fisher pass runs. A collaborator, not a hyperparameter:
+            ``deepclean tune`` computes it once per search (:meth:`tuning_collaborators`), since
+            neither alpha nor the form changes it. Keys or shapes that do not match the model
+            raise ``ConfigurationError`` before any change. Default None.
         seed: seeds the noise.
 
     Timed region: the true Fisher on D_r (K per-sample-gradient passes over D_r for K classes) and
@@ -196,6 +203,7 @@ class FisherForgetting(Unlearner):
     """
 
     name = "fisher_forgetting"
+    collaborators = ("retain_fisher",)
     summary = "Scrub weights with Gaussian noise shaped by the inverse true Fisher of D_r"
     reference = (
         "Golatkar, Achille, Soatto, Eternal Sunshine of the Spotless Net: Selective Forgetting in "
@@ -211,12 +219,19 @@ class FisherForgetting(Unlearner):
         eps: float = 1e-8,
         class_row: str = "auto",
         fisher_batch_size: int = 256,
+        retain_fisher: dict[str, torch.Tensor] | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
         check_positive(alpha=alpha, clamp=clamp, eps=eps, fisher_batch_size=fisher_batch_size)
+        if retain_fisher is not None and not (
+                isinstance(retain_fisher, dict)
+                and all(isinstance(v, torch.Tensor) for v in retain_fisher.values())):
+            raise ConfigurationError(
+                f"retain_fisher must be a dict of tensors (true_fisher_diagonal(model, retain)) "
+                f"or None, got {type(retain_fisher).__name__}")
         if form not in FORMS:
             raise ConfigurationError(
                 f"form must be one of {FORMS}, got {form!r}; 'authors' runs the authors' code, "
@@ -232,6 +247,7 @@ class FisherForgetting(Unlearner):
         self.eps = eps
         self.class_row = class_row
         self.fisher_batch_size = fisher_batch_size
+        self.retain_fisher = retain_fisher
 
     def noise_std(self, fisher: torch.Tensor) -> torch.Tensor:
         """Per-weight noise standard deviation from a Fisher diagonal (forms ``paper`` and
@@ -257,9 +273,19 @@ class FisherForgetting(Unlearner):
         return var
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
-        fisher = true_fisher_diagonal(
-            model, TensorDataset(xr, yr), batch_size=self.fisher_batch_size, device=device
-        )
+        if self.retain_fisher is not None:
+            fisher = self.retain_fisher
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            bad = sorted(set(params) ^ set(fisher)) or [
+                n for n in params if tuple(fisher[n].shape) != tuple(params[n].shape)]
+            if bad:
+                raise ConfigurationError(
+                    f"retain_fisher does not fit the model: keys or shapes differ at {bad[:3]}; "
+                    "pass true_fisher_diagonal(model, retain) of this model")
+        else:
+            fisher = true_fisher_diagonal(
+                model, TensorDataset(xr, yr), batch_size=self.fisher_batch_size, device=device
+            )
         k = _num_classes(model, xf, device)
         output = _output_layer_names(model, k)
         forgotten = _whole_class(yf, yr) if self.class_row == "auto" else None
@@ -292,6 +318,12 @@ class FisherForgetting(Unlearner):
                 "overflows); lower alpha or clamp"
             )
         return model
+
+    @classmethod
+    def tuning_collaborators(cls, model: nn.Module, forget: Dataset, retain: Dataset, *,
+                             device: torch.device | str | None = None) -> dict[str, Any]:
+        """The true Fisher of D_r, once per search: no searched hyperparameter changes it."""
+        return {"retain_fisher": true_fisher_diagonal(model, retain, device=device)}
 
     @classmethod
     def search_space(cls, context: SpaceContext) -> dict[str, Param]:

@@ -34,6 +34,7 @@ __all__ = [
     "world_size",
     "is_main_process",
     "shard_indices",
+    "use_distributed",
     "all_reduce_sum_",
     "all_gather_ints",
     "error_code",
@@ -114,6 +115,31 @@ def shard_indices(n: int, *, rank: int | None = None, world_size: int | None = N
             f"rank must be an int in [0, {world}) for world_size={world}, got {r!r}"
         )
     return range(r * n // world, (r + 1) * n // world)
+
+
+def use_distributed(distributed: bool | None) -> bool:
+    """Resolve a function's ``distributed`` argument: whether to split work over the ranks.
+
+    ``None`` (automatic): True when a process group is initialised with more than one rank;
+    ``False``: never; ``True``: always (with one rank, the split is the whole).
+
+    Raises:
+        ConfigurationError: ``distributed`` is not True, False or None, or it is True while no
+            process group is initialised.
+    """
+    if distributed is not None and not isinstance(distributed, bool):
+        raise ConfigurationError(
+            f"distributed must be True, False or None (automatic), got {distributed!r}"
+        )
+    if distributed is None:
+        return is_distributed() and _own_world_size() > 1
+    if distributed and not is_distributed():
+        raise ConfigurationError(
+            "distributed=True needs an initialised torch.distributed process group, and none "
+            "is; call torch.distributed.init_process_group() first (e.g. under torchrun), or "
+            "pass distributed=None to split the work only when one is initialised"
+        )
+    return distributed
 
 
 def _collective_device(tensor: torch.Tensor) -> torch.device:

@@ -59,10 +59,9 @@ from deepclean.distributed import (
     all_gather_ints,
     all_reduce_sum_,
     error_code,
-    is_distributed,
     raise_if_any_rank_failed,
     shard_indices,
-    world_size,
+    use_distributed,
 )
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.fisher.rules import (
@@ -313,7 +312,7 @@ def fisher_diagonal(
             group, ranks that passed data sets of different lengths or models of different sizes.
     """
 
-    sharded = _sharded(distributed)
+    sharded = use_distributed(distributed)
     if not sharded:
         totals, n, _ = _fisher_sums(model, data, batch_size=batch_size, device=device,
                                     dtype=dtype, num_workers=num_workers, sharded=False)
@@ -321,23 +320,6 @@ def fisher_diagonal(
         totals, n = _sums_over_ranks(model, data, batch_size=batch_size, device=device,
                                      dtype=dtype, num_workers=num_workers)
     return {name: (t / n).cpu() for name, t in totals.items()}
-
-
-def _sharded(distributed: bool | None) -> bool:
-    """Whether this call splits its samples over the ranks of the default process group."""
-    if distributed is not None and not isinstance(distributed, bool):
-        raise ConfigurationError(
-            f"distributed must be True, False or None (automatic), got {distributed!r}"
-        )
-    if distributed is None:
-        return is_distributed() and world_size() > 1
-    if distributed and not is_distributed():
-        raise ConfigurationError(
-            "distributed=True needs an initialised torch.distributed process group, and none "
-            "is; call torch.distributed.init_process_group() first (e.g. under torchrun), or "
-            "pass distributed=None to shard only when one is initialised"
-        )
-    return distributed
 
 
 def _sums_over_ranks(model, data, **kwargs) -> tuple[dict[str, torch.Tensor], int]:

@@ -4,6 +4,7 @@ the samples, the sums and counts are all-reduced, and every rank gets the one-pr
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -233,3 +234,23 @@ def test_torchrun_two_nodes_on_localhost(tmp_path, one_process) -> None:
                 p.wait()
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     _check_saved(out, one_process)
+
+
+def test_the_example_of_docs_scale_gives_the_one_process_selection(tmp_path) -> None:
+    text = (SRC.parent / "docs" / "scale.md").read_text()
+    script = tmp_path / "unlearn.py"
+    script.write_text(re.findall(r"```python\n(.*?)```", text, flags=re.S)[0])
+    results = []
+    for name, cmd in [("one", [sys.executable, str(script)]),
+                      ("two", _torchrun("--standalone", "--nproc_per_node=2", str(script)))]:
+        (tmp_path / name).mkdir()
+        done = subprocess.run(cmd, cwd=tmp_path / name, env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "weights selected" in done.stdout
+        results.append(torch.load(tmp_path / name / "selection.pt", weights_only=False))
+    one, two = results
+    for key in ("fisher_forget", "fisher_retain"):  # float32, summed in another order
+        assert _max_rel(two[key], one[key]) <= 1e-5, key
+    differ = sum(int((two["mask"][k] != one["mask"][k]).sum()) for k in one["mask"])
+    assert differ <= 5  # only weights whose ratio lies within rounding of gamma may flip

@@ -254,3 +254,15 @@ def test_the_example_of_docs_scale_gives_the_one_process_selection(tmp_path) -> 
         assert _max_rel(two[key], one[key]) <= 1e-5, key
     differ = sum(int((two["mask"][k] != one["mask"][k]).sum()) for k in one["mask"])
     assert differ <= 5  # only weights whose ratio lies within rounding of gamma may flip
+    for result in results:
+        assert all(torch.equal(result["method_mask"][k], m) for k, m in result["mask"].items())
+        original = _example_model()
+        for name, p in original.named_parameters():  # unselected weights untouched
+            keep = ~result["method_mask"][name]
+            assert torch.equal(result["unlearned"][name][keep], p.detach()[keep]), name
+
+
+def _example_model():
+    from deepclean import build_model
+
+    return build_model("resnet18", in_channels=1, num_classes=10, width=0.125, seed=0)

@@ -138,6 +138,10 @@ def spawn_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         # Failures on one rank only: every rank raises instead of waiting for the others.
         out["nan_on_rank_1"] = _outcome(
             lambda: fisher_diagonal(model, Streamed(nan_at=N - 1), batch_size=16))
+        x_nan = x.clone()
+        x_nan[N - 1] = float("nan")  # in rank 1's block; every rank checks the whole set first
+        out["nan_in_memory"] = _outcome(
+            lambda: fisher_diagonal(model, TensorDataset(x_nan, y), batch_size=16))
         out["different_lengths"] = _outcome(
             lambda: fisher_diagonal(model, TensorDataset(x[:N - rank], y[:N - rank])))
         out["bad_batch_size"] = _outcome(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -172,6 +173,9 @@ def test_a_failure_on_one_rank_raises_on_every_rank(spawned) -> None:
     own, other = spawned[1]["nan_on_rank_1"], spawned[0]["nan_on_rank_1"]
     assert own[0] == "DataError" and "NaN or infinite" in own[1]  # the rank that read it
     assert other[0] == "DataError" and "rank 1 of 2" in other[1]  # the rank that waited
+    for result in spawned:  # an in-memory set is checked whole on every rank
+        name, message = result["nan_in_memory"]
+        assert name == "DataError" and "NaN or infinite" in message
     for result in spawned:
         name, message = result["different_lengths"]
         assert name == "ConfigurationError" and "[101, 100]" in message
@@ -193,6 +197,27 @@ def _torchrun(*flags: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *flags]
 
 
+def _launch(commands: list[list[str]], *, cwd: Path | None = None,
+            timeout: float = 300.0) -> list[subprocess.CompletedProcess]:
+    """Run the commands concurrently, each in its own session; on timeout kill each whole
+    session (torchrun and the workers it started) and fail."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for cmd in commands]
+    deadline = time.monotonic() + timeout
+    try:
+        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun did not finish within {timeout:.0f} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [subprocess.CompletedProcess(c, p.returncode, log, "")
+            for c, p, log in zip(commands, procs, logs, strict=True)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,31 +233,20 @@ def _check_saved(path: Path, one_process: dict) -> None:
 
 def test_torchrun_two_processes_on_one_node(tmp_path, one_process) -> None:
     out = tmp_path / "fisher.pt"
-    cmd = _torchrun("--nproc_per_node=2", "--standalone", str(SCRIPT), str(out))
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    (done,) = _launch([_torchrun("--nproc_per_node=2", "--standalone", str(SCRIPT), str(out))])
+    assert done.returncode == 0, done.stdout[-3000:]
     _check_saved(out, one_process)
 
 
 def test_torchrun_two_nodes_on_localhost(tmp_path, one_process) -> None:
     out = tmp_path / "fisher.pt"
     port = _free_port()
-    nodes = [
-        subprocess.Popen(
-            _torchrun("--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-                      "--master_addr", "127.0.0.1", "--master_port", str(port),
-                      str(SCRIPT), str(out)),
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    nodes = _launch([
+        _torchrun("--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                  "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPT), str(out))
         for node in (0, 1)
-    ]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in nodes]
-    finally:
-        for p in nodes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    ])
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(n.stdout[-3000:] for n in nodes)
     _check_saved(out, one_process)
 
 
@@ -244,9 +258,8 @@ def test_the_example_of_docs_scale_gives_the_one_process_selection(tmp_path) -> 
     for name, cmd in [("one", [sys.executable, str(script)]),
                       ("two", _torchrun("--standalone", "--nproc_per_node=2", str(script)))]:
         (tmp_path / name).mkdir()
-        done = subprocess.run(cmd, cwd=tmp_path / name, env=_env(), capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        (done,) = _launch([cmd], cwd=tmp_path / name)
+        assert done.returncode == 0, done.stdout[-3000:]
         assert "weights selected" in done.stdout
         results.append(torch.load(tmp_path / name / "selection.pt", weights_only=False))
     one, two = results

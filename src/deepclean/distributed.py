@@ -226,9 +226,9 @@ def raise_if_any_rank_failed(
     cls = _ERRORS[min(max(code, 1), len(_ERRORS)) - 1]
     raise cls(
         f"{what} failed on rank{'s' if len(failed) > 1 else ''} "
-        f"{', '.join(map(str, failed))} of {len(codes)} ({cls.__name__}); that rank printed the "
-        "message. Every rank stops here so that none waits forever for the others. Fix the cause "
-        "reported there (every rank must pass the same model and data)."
+        f"{', '.join(map(str, failed))} of {len(codes)} ({cls.__name__}); that rank raised it with "
+        "the full message. Every rank stops here so that none waits forever for the others. Fix "
+        "the cause reported there (every rank must pass the same model and data)."
     )
 
 

@@ -18,13 +18,21 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
-from deepclean import ConfigurationError, fisher_diagonal, fisher_diagonal_reference
+from deepclean import (
+    ConfigurationError,
+    DataError,
+    MaskError,
+    fisher_diagonal,
+    fisher_diagonal_reference,
+)
 from deepclean.distributed import (
     all_gather_ints,
     all_reduce_sum_,
     barrier,
+    error_code,
     is_distributed,
     is_main_process,
+    raise_if_any_rank_failed,
     rank,
     shard_indices,
     world_size,
@@ -78,6 +86,26 @@ def test_outside_a_process_group_everything_is_one_process() -> None:
     assert all_reduce_sum_(t) is t and torch.equal(t, torch.arange(4.0))
     assert all_gather_ints([3, 4]).tolist() == [[3, 4]]
     barrier()
+
+
+def test_every_rank_raises_the_class_of_the_failed_rank() -> None:
+    own = DataError("bad sample")
+    codes = [0, error_code(own), 0]
+    assert error_code(None) == 0 and codes[1] > 0
+    raise_if_any_rank_failed([0, 0, 0], None, what="f")  # nobody failed: nothing happens
+    with pytest.raises(DataError, match="bad sample"):  # the failed rank: its own error
+        raise_if_any_rank_failed(codes, own, what="f")
+    with pytest.raises(DataError, match="f failed on rank 1 of 3"):  # the others: same class
+        raise_if_any_rank_failed(codes, None, what="f")
+    with pytest.raises(MaskError, match="ranks 0, 2 of 3"):
+        raise_if_any_rank_failed([error_code(MaskError("m")), 0, 1], None, what="f")
+    # a class the other ranks cannot name: they raise its nearest listed base (here Exception)
+    code = error_code(ZeroDivisionError())
+    with pytest.raises(ZeroDivisionError):
+        raise_if_any_rank_failed([0, code], ZeroDivisionError(), what="f")
+    with pytest.raises(Exception, match="f failed on rank 1 of 2") as info:
+        raise_if_any_rank_failed([0, code], None, what="f")
+    assert type(info.value) is Exception
 
 
 def test_distributed_true_needs_a_process_group() -> None:

@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "deepclean"
 #: unit -> layer; a unit is a top-level module or a sub-package of deepclean
 LAYERS = {
     "_version": 0, "errors": 0, "progress": 0, "_compat": 0, "_torch": 0, "_digest": 0,
-    "validation": 1, "checkpoint": 1, "precision": 1, "reproducibility": 1,
+    "validation": 1, "distributed": 1, "checkpoint": 1, "precision": 1, "reproducibility": 1,
     "data": 2,
     "training": 3, "selection": 3, "masking": 3, "fisher": 3,
     "evaluation": 4,

@@ -15,16 +15,33 @@ BatchNorm running statistics: with ``bn_stats="update"`` (default) BatchNorm run
 its running statistics are re-estimated on D_r, which the reset makes necessary (zeroed weights
 change every later activation's distribution); with ``bn_stats="freeze"`` BatchNorm runs in eval
 mode and its buffers stay bitwise unchanged.
+
+Under ``torch.distributed`` (several processes, e.g. launched with ``torchrun``) the fine-tune
+runs as DistributedDataParallel: each step's batch is split over the ranks (see
+:func:`masked_finetune`), DDP averages the gradients, and every rank ends with the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
+import struct
 
 import torch
 from torch import nn
 
 from deepclean.data.datasets import iterate_batches
+from deepclean.distributed import (
+    all_gather_ints,
+    all_reduce_sum_,
+    error_code,
+    is_main_process,
+    raise_if_any_rank_failed,
+    shard_indices,
+    use_distributed,
+    world_size,
+)
 from deepclean.errors import ConfigurationError
 from deepclean.progress import progress_bar
 from deepclean.selection import check_mask
@@ -32,6 +49,14 @@ from deepclean.selection import check_mask
 __all__ = ["masked_finetune", "BN_STATS"]
 
 BN_STATS = ("update", "freeze")
+
+# BatchNorm buffers stay per rank during the fine-tune (train mode normalises with batch
+# statistics) and are averaged at the end; the keyword was renamed in recent torch releases.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def masked_finetune(
@@ -48,6 +73,7 @@ def masked_finetune(
     bn_stats: str = "update",
     desc: str = "fine-tune",
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> nn.Module:
     """Fine-tune ``model`` in place on ``(x, y)``: Adam, cosine annealing, cross-entropy.
 
@@ -62,23 +88,52 @@ def masked_finetune(
         generator: source of the shuffling order.
         device: where to train.
         bn_stats: ``"update"`` or ``"freeze"`` (see the module docstring).
+        distributed: run as DistributedDataParallel over the ranks of the initialised
+            ``torch.distributed`` process group. ``None`` (default): when one is initialised with
+            more than one rank; ``True``: always (requires an initialised group); ``False``:
+            never, every rank fine-tunes alone on all of ``(x, y)``.
+
+    Under a process group every rank passes the same model, mask, ``(x, y)``, hyperparameters and
+    a generator in the same state (checked before any work: otherwise ``ConfigurationError`` on
+    every rank). Every epoch all ranks draw the same permutation from ``generator``; each step's
+    batch of ``batch_size`` samples is split into contiguous blocks, one per rank
+    (:func:`deepclean.distributed.shard_indices`), so over an epoch the ranks see disjoint shards
+    of the data. Each rank's loss is the sum over its block divided by the whole batch's size
+    (times the number of ranks, which DDP's gradient average divides out), so the gradient of
+    every step is that of the mean loss over the whole batch and the number of steps, the
+    learning-rate schedule and the result are those of one process (up to rounding, when
+    BatchNorm runs in eval mode). With ``bn_stats="update"`` BatchNorm normalises each block
+    with its own batch statistics (as DistributedDataParallel does without SyncBatchNorm) and
+    the running statistics are averaged over the ranks at the end. Unselected weights stay
+    bitwise equal on every rank; all ranks end with identical weights and buffers.
 
     Returns:
-        The same model, in eval mode.
+        The same model (never a DDP wrapper), in eval mode.
 
     Raises:
         MaskError: the mask's keys or shapes do not match the model's parameters.
-        ConfigurationError: ``bn_stats`` is not one of :data:`BN_STATS`, or ``epochs < 0``.
+        ConfigurationError: ``bn_stats`` is not one of :data:`BN_STATS`, or ``epochs < 0``;
+            ``distributed`` is not a bool or None, or True without a process group; under a
+            process group, ranks whose data, hyperparameters, masks or generators differ.
     """
-    if bn_stats not in BN_STATS:
-        raise ConfigurationError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
-    if epochs < 0:
-        raise ConfigurationError(f"epochs must be >= 0, got {epochs}")
-    device = torch.device(device)
-    model.to(device)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if mask is not None:
-        check_mask(model, mask)
+    sharded = use_distributed(distributed)
+    error = None
+    try:
+        if bn_stats not in BN_STATS:
+            raise ConfigurationError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        if epochs < 0:
+            raise ConfigurationError(f"epochs must be >= 0, got {epochs}")
+        device = torch.device(device)
+        model.to(device)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if mask is not None:
+            check_mask(model, mask)
+    except Exception as exc:
+        if not sharded:
+            raise
+        error = exc  # every rank must learn of it before the first collective of the others
+    if sharded:
+        _check_same_on_every_rank(error, mask, x, epochs, batch_size, lr, generator)
     if epochs == 0:
         return model.eval()
     trainable: dict[str, nn.Parameter] = {}
@@ -110,12 +165,22 @@ def masked_finetune(
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        bar = progress_bar(total=steps, desc=desc, enabled=progress)
+        net = model
+        if sharded:
+            ids = None
+            if device.type == "cuda":
+                ids = [device.index if device.index is not None else torch.cuda.current_device()]
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
+            batches = _rank_batches
+        else:
+            batches = _batches
+        bar = progress_bar(total=steps, desc=desc, enabled=progress and is_main_process())
         for _ in range(epochs):
-            for _, xb, yb in iterate_batches(
-                x, y, batch_size=batch_size, shuffle=True, generator=generator, device=device
-            ):
-                loss = nn.functional.cross_entropy(model(xb), yb)
+            for xb, yb, loss_scale in batches(x, y, batch_size, generator, device):
+                if loss_scale is None:
+                    loss = nn.functional.cross_entropy(net(xb), yb)
+                else:
+                    loss = nn.functional.cross_entropy(net(xb), yb, reduction="sum") * loss_scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if partial:
@@ -135,7 +200,71 @@ def masked_finetune(
                 sched.step()
                 bar.update(1)
         bar.close()
+        if sharded and bn_stats == "update":
+            _average_running_stats(model)
     finally:
+        net = None  # the DDP wrapper and its gradient hooks go with it
         for p in frozen:
             p.requires_grad_(True)
     return model.eval()
+
+
+def _batches(x, y, batch_size, generator, device):
+    """One process: the batches of :func:`iterate_batches`, loss the mean over the batch."""
+    for _, xb, yb in iterate_batches(
+        x, y, batch_size=batch_size, shuffle=True, generator=generator, device=device
+    ):
+        yield xb, yb, None
+
+
+def _rank_batches(x, y, batch_size, generator, device):
+    """Under a process group: the same permutation and batches as :func:`iterate_batches` on
+    every rank, of which this rank takes its contiguous block of each batch (possibly empty); the
+    loss scale makes DDP's average of the ranks' gradients the gradient of the batch mean."""
+    n, world = x.shape[0], world_size()
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        own = shard_indices(index.numel())
+        part = index[own.start:own.stop]
+        xb = x[part].to(device, non_blocking=True)
+        yb = y[part].to(device, non_blocking=True)
+        yield xb, yb, world / index.numel()
+
+
+def _check_same_on_every_rank(error, mask, x, epochs, batch_size, lr, generator) -> None:
+    """A collective: raise on every rank if any rank failed its checks, or if the ranks'
+    inputs differ (they would silently train on different samples or hang in DDP)."""
+    try:
+        state = generator.get_state() if isinstance(generator, torch.Generator) else None
+        rng = -1 if state is None else \
+            int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:7], "little")
+        selected = -1 if mask is None else sum(int(m.sum()) for m in mask.values())
+        lr_bits = int.from_bytes(struct.pack("<d", float(lr)), "little") >> 8
+        values = [int(x.shape[0]), int(epochs), int(batch_size), lr_bits, selected, rng]
+    except Exception as exc:  # unusable arguments: a failure like any other
+        error = error or exc
+        values = [-1] * 6
+    row = [error_code(error), *values]
+    table = all_gather_ints(row)
+    raise_if_any_rank_failed(table[:, 0].tolist(), error, what="masked_finetune")
+    names = ["samples", "epochs", "batch_size", "lr", "selected weights", "generator state"]
+    differ = [name for i, name in enumerate(names) if len(set(table[:, i + 1].tolist())) > 1]
+    if differ:
+        raise ConfigurationError(
+            f"under torch.distributed every rank must fine-tune the same data with the same "
+            f"settings, mask and generator state; the ranks differ in {', '.join(differ)} "
+            f"(per rank: {table[:, 1:].tolist()}). Pass the same whole data set and a generator "
+            "seeded alike on every rank (masked_finetune splits the batches itself), or "
+            "distributed=False"
+        )
+
+
+def _average_running_stats(model: nn.Module) -> None:
+    """Replace every BatchNorm's running mean and variance by their mean over the ranks."""
+    world = world_size()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                if buffer is not None:
+                    all_reduce_sum_(buffer).div_(world)

@@ -51,10 +51,18 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.nn.utils import parametrize
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from deepclean._torch import eval_mode
 from deepclean.data.datasets import as_tensors, in_memory, stream_batches
+from deepclean.distributed import (
+    all_gather_ints,
+    all_reduce_sum_,
+    error_code,
+    raise_if_any_rank_failed,
+    shard_indices,
+    use_distributed,
+)
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.fisher.rules import (
     _check_model,
@@ -247,6 +255,7 @@ def fisher_diagonal(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    distributed: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal of the empirical Fisher information of ``model`` on ``data`` (paper eq. 1).
 
@@ -260,6 +269,10 @@ def fisher_diagonal(
         dtype: compute in this floating dtype (e.g. ``torch.float64`` for tests); default the
             model's dtype.
         num_workers: ``DataLoader`` workers for a streamed data set (below).
+        distributed: split the samples over the ranks of the initialised ``torch.distributed``
+            process group (below). ``None`` (default): when a process group is initialised and
+            has more than one rank; ``True``: always (requires an initialised group); ``False``:
+            never, every rank computes the whole Fisher alone.
 
     Data in memory (a ``TensorDataset`` or a ``Subset`` of one) is sliced directly; any other
     ``Dataset`` is streamed through a ``DataLoader`` in its own order, one batch in memory at a
@@ -273,6 +286,17 @@ def fisher_diagonal(
     A DataParallel / DistributedDataParallel model is unwrapped first: the keys carry no
     ``module.`` prefix.
 
+    Several processes (``torchrun``): every rank calls this with the same model and the same
+    *full* data set. Every rank validates the whole data set first (an in-memory set entirely, a
+    streamed one as far as its type, length and first sample), then computes the sum of squared
+    per-sample gradients over its own contiguous block of the samples only
+    (:func:`deepclean.distributed.shard_indices`, no padding: each sample counts exactly once);
+    one all-reduce adds the per-parameter sums and another the sample counts (on the CPU for
+    gloo, on the device for NCCL), and the sums are divided by the global count. Every rank
+    returns the same global Fisher, equal to the one-process result up to rounding. If any rank
+    fails (bad data in its block, say), every rank raises an error of the same class instead of
+    waiting for the others.
+
     Precision: the computation runs with ``torch.autocast`` disabled on ``device``, so a call
     inside an active autocast context (``deepclean run --precision bf16``, or
     :func:`deepclean.precision.autocast`) gives the same full-precision result as one outside it.
@@ -283,9 +307,65 @@ def fisher_diagonal(
             or its labels are not integers in range for the model's output.
         ConfigurationError: ``batch_size < 1``, no trainable parameter, a BatchNorm without
             running statistics, or a
-            parameterised module that does not take and return a single tensor.
+            parameterised module that does not take and return a single tensor; ``distributed``
+            is not a bool or None, or True without an initialised process group; under a process
+            group, ranks that passed data sets of different lengths or models of different sizes.
     """
 
+    sharded = use_distributed(distributed)
+    if not sharded:
+        totals, n, _ = _fisher_sums(model, data, batch_size=batch_size, device=device,
+                                    dtype=dtype, num_workers=num_workers, sharded=False)
+    else:
+        totals, n = _sums_over_ranks(model, data, batch_size=batch_size, device=device,
+                                     dtype=dtype, num_workers=num_workers)
+    return {name: (t / n).cpu() for name, t in totals.items()}
+
+
+def _sums_over_ranks(model, data, **kwargs) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's sums over its shard, added over all ranks; and the global sample count.
+
+    Every rank reaches the same collectives whatever fails locally: first the error codes,
+    sample counts, data-set lengths and parameter counts of all ranks (one small all-reduce),
+    then, only if all agree, the per-parameter sums as one flat buffer (one all-reduce).
+    """
+    error, totals, n, n_data = None, {}, 0, -1
+    try:
+        totals, n, n_data = _fisher_sums(model, data, sharded=True, **kwargs)
+    except Exception as exc:  # every rank must learn of it, or the others would wait forever
+        error = exc
+    numel = sum(t.numel() for t in totals.values())
+    table = all_gather_ints([error_code(error), n, n_data, numel])
+    raise_if_any_rank_failed(table[:, 0].tolist(), error, what="fisher_diagonal")
+    lengths, sizes = table[:, 2].tolist(), table[:, 3].tolist()
+    if len(set(lengths)) > 1 or len(set(sizes)) > 1:
+        raise ConfigurationError(
+            f"under torch.distributed every rank must pass the same model and the same full data "
+            f"set (fisher_diagonal shards it itself); the ranks passed data sets of "
+            f"{lengths} samples and models of {sizes} trainable weights. Pass the whole data set "
+            "on every rank, or distributed=False to compute the full Fisher on each rank alone"
+        )
+    flat = all_reduce_sum_(torch.cat([t.reshape(-1) for t in totals.values()]))
+    offset = 0
+    for t in totals.values():
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return totals, int(table[:, 1].sum())
+
+
+def _fisher_sums(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    num_workers: int,
+    sharded: bool,
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The sums over samples of squared per-sample gradients (on ``device``), the number of
+    samples summed and the length of the whole data set; with ``sharded``, the whole data set
+    is validated but only this rank's shard is summed."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_trainable(model)
@@ -296,10 +376,26 @@ def fisher_diagonal(
         x_all, y_all = as_tensors(data)
         check_inputs(x_all, y_all, "data set")
         check_forward(model, x_all, "data set")
+        n_data = int(x_all.shape[0])
+        if sharded:
+            own = shard_indices(n_data)
+            x_all, y_all = x_all[own.start:own.stop], y_all[own.start:own.stop]
         batches = ((x_all[i:i + batch_size], y_all[i:i + batch_size])
                    for i in range(0, x_all.shape[0], batch_size))
     else:
-        batches = _checked_stream(model, data, batch_size, num_workers)
+        n_data = -1
+        batches = None
+        if sharded:
+            # The whole set's type, length and first sample, on every rank; then this rank's block.
+            probe = _checked_stream(model, data, 1, 0)
+            next(probe)
+            probe.close()
+            n_data = len(data)  # type: ignore[arg-type]
+            data = Subset(data, shard_indices(n_data))
+            if len(data) == 0:
+                batches = iter(())  # more ranks than samples: this one sums nothing
+        if batches is None:
+            batches = _checked_stream(model, data, batch_size, num_workers)
     first = next(model.parameters(), None)
     if first is None:
         raise ConfigurationError("the model has no parameters; nothing to compute")
@@ -329,7 +425,7 @@ def fisher_diagonal(
                 n += xb.shape[0]
     finally:
         fisher_pass.remove()
-    return {name: (t / n).cpu() for name, t in totals.items()}
+    return totals, n, n_data
 
 
 def _checked_stream(model: nn.Module, data: Dataset, batch_size: int, num_workers: int):

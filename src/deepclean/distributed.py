@@ -1,0 +1,238 @@
+"""torch.distributed helpers: this process's rank, shards without padding, sums across ranks.
+
+Every function works outside a process group too (one process, rank 0 of 1), so library code
+calls them unconditionally. Launch several processes with ``torchrun`` and initialise the group
+(``torch.distributed.init_process_group``) before calling into DeepClean; see ``docs/scale.md``.
+
+Why no ``DistributedSampler``: it pads the data with repeated samples so that every rank gets the
+same count, which is fine for training but wrong for a mean such as the Fisher diagonal or an
+accuracy. :func:`shard_indices` gives each sample to exactly one rank, and the ranks add their
+sums and counts with :func:`all_reduce_sum_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from deepclean.errors import (
+    BusyError,
+    CheckpointError,
+    ConfigurationError,
+    DataError,
+    DeepCleanError,
+    DivergenceError,
+    MaskError,
+    SplitMismatchError,
+)
+
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "shard_indices",
+    "use_distributed",
+    "all_reduce_sum_",
+    "all_gather_ints",
+    "error_code",
+    "raise_if_any_rank_failed",
+    "barrier",
+]
+
+# Error classes that every rank can re-raise by number when another rank failed (code = index + 1).
+_ERRORS: tuple[type[Exception], ...] = (
+    DataError, ConfigurationError, MaskError, SplitMismatchError, CheckpointError, BusyError,
+    DivergenceError, DeepCleanError, ValueError, TypeError, RuntimeError, Exception,
+)
+
+
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is available and a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the default process group, in ``[0, world_size())``; 0 outside
+    one."""
+    return _own_rank()
+
+
+def world_size() -> int:
+    """The number of processes in the default process group; 1 outside one."""
+    return _own_world_size()
+
+
+def _own_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _own_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (the one that writes files and prints); True outside a
+    process group."""
+    return rank() == 0
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def shard_indices(n: int, *, rank: int | None = None, world_size: int | None = None) -> range:
+    """The indices of ``range(n)`` that ``rank`` owns: a contiguous block, without padding.
+
+    Over the ranks ``0 .. world_size - 1`` the blocks are disjoint and their union is
+    ``range(n)``: every sample is owned exactly once. Block sizes differ by at most one; when
+    ``n < world_size`` some ranks own no sample (an empty range). Rank ``r`` owns
+    ``range(r * n // world_size, (r + 1) * n // world_size)``.
+
+    Args:
+        n: the number of samples, an int >= 0.
+        rank: the rank asking, in ``[0, world_size)``; default this process's (:func:`rank`).
+        world_size: the number of ranks, an int >= 1; default this process group's
+            (:func:`world_size`).
+
+    Returns:
+        A ``range`` of sample indices (ascending, step 1, possibly empty).
+
+    Raises:
+        ConfigurationError: ``n`` or ``world_size`` is not a non-negative / positive int, or
+            ``rank`` is not an int in ``[0, world_size)``.
+    """
+    _check_int(n, "n", 0)
+    world = _check_int(world_size if world_size is not None else _own_world_size(),
+                       "world_size", 1)
+    r = rank if rank is not None else _own_rank()
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < world:
+        raise ConfigurationError(
+            f"rank must be an int in [0, {world}) for world_size={world}, got {r!r}"
+        )
+    return range(r * n // world, (r + 1) * n // world)
+
+
+def use_distributed(distributed: bool | None) -> bool:
+    """Resolve a function's ``distributed`` argument: whether to split work over the ranks.
+
+    ``None`` (automatic): True when a process group is initialised with more than one rank;
+    ``False``: never; ``True``: always (with one rank, the split is the whole).
+
+    Raises:
+        ConfigurationError: ``distributed`` is not True, False or None, or it is True while no
+            process group is initialised.
+    """
+    if distributed is not None and not isinstance(distributed, bool):
+        raise ConfigurationError(
+            f"distributed must be True, False or None (automatic), got {distributed!r}"
+        )
+    if distributed is None:
+        return is_distributed() and _own_world_size() > 1
+    if distributed and not is_distributed():
+        raise ConfigurationError(
+            "distributed=True needs an initialised torch.distributed process group, and none "
+            "is; call torch.distributed.init_process_group() first (e.g. under torchrun), or "
+            "pass distributed=None to split the work only when one is initialised"
+        )
+    return distributed
+
+
+def _collective_device(tensor: torch.Tensor) -> torch.device:
+    """Where the default group's backend reduces: NCCL on the current CUDA device, otherwise
+    (gloo, MPI) on the CPU; a tensor already on a device the backend serves stays there."""
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend:
+        if tensor.is_cuda:
+            return tensor.device
+        if "gloo" in backend:  # e.g. "cpu:gloo,cuda:nccl"
+            return tensor.device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace ``tensor`` in place by its sum over all ranks, and return it.
+
+    A collective: every rank must call it with a tensor of the same shape and dtype. Outside a
+    process group (or with one process) it does nothing. The reduction runs where the backend
+    needs it (gloo: on the CPU; NCCL: on the current CUDA device); a tensor elsewhere is copied
+    there and back. Units and dtype are those of ``tensor``.
+
+    Raises:
+        ConfigurationError: ``tensor`` is not a ``torch.Tensor``.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigurationError(
+            f"all_reduce_sum_ expects a torch.Tensor, got {type(tensor).__name__}"
+        )
+    if not is_distributed() or _own_world_size() == 1:
+        return tensor
+    device = _collective_device(tensor)
+    if tensor.device == device and tensor.is_contiguous():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    else:
+        buffer = tensor.to(device).contiguous()
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        tensor.copy_(buffer)
+    return tensor
+
+
+def all_gather_ints(values: Sequence[int]) -> torch.Tensor:
+    """Every rank's ``values``: an int64 CPU tensor of shape ``(world_size(), len(values))``
+    whose row ``r`` holds rank ``r``'s.
+
+    A collective (one all-reduce of ``world_size * len(values)`` integers): every rank must call
+    it with the same number of values. Outside a process group: shape ``(1, len(values))``.
+    """
+    values = [int(v) for v in values]
+    table = torch.zeros(_own_world_size(), len(values), dtype=torch.int64)
+    table[_own_rank()] = torch.tensor(values, dtype=torch.int64)
+    return all_reduce_sum_(table)
+
+
+def error_code(error: BaseException | None) -> int:
+    """A number for ``error`` that other ranks can turn back into its class (0 for None)."""
+    if error is None:
+        return 0
+    for i, cls in enumerate(_ERRORS):
+        if type(error) is cls:
+            return i + 1
+    for i, cls in enumerate(_ERRORS):
+        if isinstance(error, cls):
+            return i + 1
+    return len(_ERRORS)
+
+
+def raise_if_any_rank_failed(
+    codes: Sequence[int], error: BaseException | None, *, what: str
+) -> None:
+    """Raise on every rank if any rank failed, given every rank's :func:`error_code` (row order).
+
+    Not itself a collective: gather the codes first (e.g. with :func:`all_gather_ints`) so that
+    all ranks decide alike and none is left waiting in a later collective. A rank that failed
+    raises its own ``error``; the others raise an error of the same class naming the failed ranks.
+    """
+    failed = [r for r, c in enumerate(codes) if int(c) != 0]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    code = int(codes[failed[0]])
+    cls = _ERRORS[min(max(code, 1), len(_ERRORS)) - 1]
+    raise cls(
+        f"{what} failed on rank{'s' if len(failed) > 1 else ''} "
+        f"{', '.join(map(str, failed))} of {len(codes)} ({cls.__name__}); that rank raised it with "
+        "the full message. Every rank stops here so that none waits forever for the others. Fix "
+        "the cause reported there (every rank must pass the same model and data)."
+    )
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this call; does nothing outside a process group."""
+    if is_distributed() and world_size() > 1:
+        dist.barrier()

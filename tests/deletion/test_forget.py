@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from deepclean.cli import main
 from deepclean.deletion.api import forget, verify
@@ -24,7 +25,7 @@ from deepclean.deletion.usermodel import (
     save_like,
     strip_prefixes,
 )
-from deepclean.errors import CheckpointError, ConfigurationError
+from deepclean.errors import CheckpointError, ConfigurationError, DataError
 from deepclean.evaluation.mia import mia_family
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,7 +218,49 @@ def test_verify_of_the_original_against_itself_is_not_verified(case, capsys):
                                 str(r / "forget_paths.txt"), "--holdout", str(r / "holdout"))])
     assert rc == 3
     out = capsys.readouterr().out
-    assert out.startswith("NOT FORGOTTEN: Acc_Df 100.0 %")
+    assert out.startswith("NOT UNLEARNED: the model's weights and buffers are identical to the "
+                          "original's; Acc_Df 100.0 %")
+
+
+def test_an_unchanged_model_is_never_verified_even_when_its_verdict_passes():
+    """A model that memorised nothing of D_f already looks like unseen data on D_f: the verdict
+    passes, but verifying it against itself must not report an unlearning (exit 3)."""
+    g = torch.Generator().manual_seed(0)
+    x, xh = torch.randn(80, 4, generator=g), torch.randn(80, 4, generator=g)
+    y, yh = torch.arange(80) % 2, torch.arange(80) % 2
+    model = nn.Linear(4, 2)  # untrained: treats training and held-out samples alike
+    rec = verify(model, model, TensorDataset(x, y), list(range(20)), TensorDataset(xh, yh))
+    assert rec["verdict"]["forgotten"] is True  # the verdict alone cannot tell
+    assert rec["unchanged"] is True and rec["verified"] is False
+    assert rec["summary"].startswith("NOT UNLEARNED")
+    changed = nn.Linear(4, 2)
+    with torch.no_grad():
+        changed.weight.copy_(model.weight)
+        changed.bias.copy_(model.bias + 1e-3)
+    assert verify(model, changed, TensorDataset(x, y), list(range(20)),
+                  TensorDataset(xh, yh))["unchanged"] is False
+
+
+def test_held_out_data_that_is_not_held_out_is_refused_before_any_work():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, 4, generator=g), torch.arange(100) % 2
+    xh, yh = torch.randn(100, 4, generator=g), torch.arange(100) % 2
+    model = nn.Linear(4, 2)
+    calls = []
+    with pytest.raises(DataError, match=r"identical to samples of D_f \(held-out rows \[7\]\)"):
+        xh_f = xh.clone()
+        xh_f[7] = x[3]  # a sample of the request in the held-out data
+        forget(model, TensorDataset(x, y), [3, 5], holdout=TensorDataset(xh_f, yh),
+               hyperparameters={"epochs": 1}) or calls.append(1)
+    with pytest.raises(DataError, match="50 of the 100 held-out samples are identical to training"):
+        mixed = torch.cat([x[50:], xh[50:]])  # half of it is training data
+        verify(model, model, TensorDataset(x, y), [0], TensorDataset(mixed, yh))
+    one = xh.clone()
+    one[0] = x[60]  # a natural duplicate (1 %) is allowed and noted
+    rec = verify(model, model, TensorDataset(x, y), [0], TensorDataset(one, yh))
+    assert any("1 held-out sample(s) are identical to training samples" in n
+               for n in rec["notes"])
+    assert not calls
 
 
 def test_library_verify_record(case):

@@ -142,6 +142,8 @@ def folder(tmp_path):
 def test_request_by_paths_lines_json_csv(folder, tmp_path):
     (tmp_path / "r.txt").write_text("# two images\ndog/01.png\n\n./eel/03.png\n")
     assert read_forget_request(tmp_path / "r.txt", folder) == [5, 11]
+    (tmp_path / "c.txt").write_text("dog/01.png   # user 17\r\n7 #row\n  # only a comment\n")
+    assert read_forget_request(tmp_path / "c.txt", folder) == [5, 7]  # dog/01.png is row 5
     (tmp_path / "r.json").write_text(json.dumps(["eel/00.png", 2]))
     assert read_forget_request(tmp_path / "r.json", folder) == [8, 2]
     (tmp_path / "r.csv").write_text("user,path\nu1,cat/03.png\nu2,dog/00.png\n")

@@ -19,6 +19,7 @@ record says what cannot be verified and ``verified`` is False.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -86,6 +87,57 @@ def _holdout_tensors(holdout: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return as_tensors(holdout)
 
 
+#: Largest share of held-out samples that may be identical to training samples (natural duplicates
+#: exist in image data sets; more means the held-out data is not held out).
+MAX_HOLDOUT_OVERLAP = 0.01
+
+
+def _sample_keys(x: torch.Tensor) -> list[bytes]:
+    """One digest per sample ``x[i]`` of its exact values (identical samples, identical keys)."""
+    flat = x.detach().reshape(len(x), -1).contiguous().cpu()
+    return [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in flat]
+
+
+def check_holdout_overlap(x: torch.Tensor, forget_index: torch.Tensor,
+                          x_holdout: torch.Tensor) -> int:
+    """Refuse held-out data that is not held out, before any work: any held-out sample identical
+    to a sample of D_f, or more than :data:`MAX_HOLDOUT_OVERLAP` of the held-out samples identical
+    to training samples (a copy of the training data under another name).
+
+    Args:
+        x: the training inputs ``(N, ...)``; ``forget_index``: D_f's rows ``(N_f,)``;
+        x_holdout: the held-out inputs ``(N_h, ...)``.
+
+    Returns:
+        The number of held-out samples identical to a training sample (within the allowance).
+
+    Raises:
+        DataError: held-out inputs of another shape than the training inputs, held-out samples
+            equal to D_f samples, or too many equal to training samples.
+    """
+    if x_holdout.shape[1:] != x.shape[1:]:
+        raise DataError(f"held-out inputs have shape {tuple(x_holdout.shape[1:])} but the data's "
+                        f"are {tuple(x.shape[1:])}; preprocess both alike (same image size, "
+                        "channels, normalisation)")
+    train_keys = _sample_keys(x)
+    forget_keys = {train_keys[i] for i in forget_index.tolist()}
+    held = _sample_keys(x_holdout)
+    in_forget = [i for i, k in enumerate(held) if k in forget_keys]
+    if in_forget:
+        raise DataError(
+            f"the held-out data holds {len(in_forget)} sample(s) identical to samples of D_f "
+            f"(held-out rows {in_forget[:5]}); held-out data must be samples the model never "
+            "trained on, not the samples to forget")
+    all_keys = set(train_keys)
+    overlap = sum(k in all_keys for k in held)
+    if overlap > MAX_HOLDOUT_OVERLAP * len(held):
+        raise DataError(
+            f"{overlap} of the {len(held)} held-out samples are identical to training samples "
+            f"(more than {MAX_HOLDOUT_OVERLAP:.0%}); held-out data must be samples the model "
+            "never trained on, e.g. a separate split, not a copy of the training data")
+    return overlap
+
+
 def _forgotten_classes(y: torch.Tensor, idx: torch.Tensor) -> list[int]:
     """Classes every sample of which is in D_f (class forgetting)."""
     yf = y[idx]
@@ -102,6 +154,13 @@ def default_gamma(scenario: str, holdout_given: bool) -> float | str:
     if holdout_given:
         return "auto"
     return 2.0 if scenario == "class" else 1.1
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold bitwise the same parameters and buffers (same names)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -164,13 +223,15 @@ def verify(
         ``acc_matched_holdout``, ``attack_auc``, ``loss_percentile``, ``mia_family``; accuracies
         in %), ``verdict`` (:meth:`ForgettingVerdict.to_dict` of the unlearned model),
         ``original_verdict`` (the same for the original: if it already passes, nothing
-        measurable was memorised and ``notes`` says so), ``cannot_verify`` (list of strings) and
-        ``notes``.
+        measurable was memorised and ``notes`` says so), ``unchanged`` (the unlearned model's
+        parameters and buffers are bitwise the original's: then ``verified`` is False whatever
+        the verdict, and the summary starts with ``NOT UNLEARNED``), ``cannot_verify`` (list of
+        strings) and ``notes``.
 
     Raises:
         DataError: empty or mismatched data, bad ids (unknown, out of range, duplicate), a
-            held-out set whose inputs differ in shape from the data's, or that lacks a class of
-            D_f.
+            held-out set whose inputs differ in shape from the data's, that lacks a class of
+            D_f, holds samples of D_f, or is largely a copy of the training data.
         ConfigurationError: a bad seed, batch size or tolerance.
     """
     from deepclean.evaluation.metrics import predict_logits
@@ -221,10 +282,11 @@ def verify(
         return _json_safe(record)
 
     xh, yh = _holdout_tensors(holdout)
-    if xh.shape[1:] != x.shape[1:]:
-        raise DataError(f"held-out inputs have shape {tuple(xh.shape[1:])} but the data's are "
-                        f"{tuple(x.shape[1:])}; preprocess both alike (same image size, channels, "
-                        "normalisation)")
+    overlap = check_holdout_overlap(x, idx, xh)
+    if overlap:
+        record["notes"].append(
+            f"{overlap} held-out sample(s) are identical to training samples (duplicates in the "
+            "data); they are kept")
     matched = matched_holdout(yh, yf, seed=seed)
     xm, ym = xh[matched], yh[matched]
     rh = torch.ones(len(yh), dtype=torch.bool)
@@ -256,15 +318,20 @@ def verify(
         cannot.append("the loss attack (cross-validation needs 2 or more samples of D_f)")
     if retained is None:
         cannot.append("utility: the held-out data holds no sample of a retained class")
+    unchanged = _same_weights(original, unlearned)
     if original_verdict.forgotten:
         record["notes"].append(
             "the original model already treats D_f like held-out data (it memorised too little "
             "of D_f for forgetting to be measurable); the verdict cannot tell an unlearned model "
             "from an unchanged one here")
+    summary = verdict.summary_line()
+    if unchanged:  # whatever the verdict says, nothing was unlearned
+        summary = ("NOT UNLEARNED: the model's weights and buffers are identical to the "
+                   "original's; " + summary.split(": ", 1)[-1])
     record.update(
-        verified=bool(verdict.passed),
-        status="verified" if verdict.passed else "not verified",
-        summary=verdict.summary_line(), verdict=verdict.to_dict(),
+        verified=bool(verdict.passed) and not unchanged,
+        status="verified" if verdict.passed and not unchanged else "not verified",
+        unchanged=unchanged, summary=summary, verdict=verdict.to_dict(),
         original_verdict=original_verdict.to_dict(), n_holdout=len(yh),
         n_matched_holdout=len(ym), n_retained_holdout=int(rh.sum()) if retained else 0,
         cannot_verify=cannot)
@@ -317,7 +384,9 @@ def forget(
         ConfigurationError: an unknown method or hyperparameter, ``gamma="auto"`` without
             held-out data.
         DataError: bad ids (unknown, out of range, duplicate, every sample), data the model does
-            not accept, a held-out set that lacks a class of D_f.
+            not accept, a held-out set that lacks a class of D_f, holds samples of D_f or is
+            largely a copy of the training data (:func:`check_holdout_overlap`); all before any
+            unlearning.
     """
     from deepclean.harness.audit import count_changed, utc_now
     from deepclean.methods import make_method, method_class
@@ -350,6 +419,7 @@ def forget(
     holdout_ds = None
     if holdout is not None:
         xh, yh = _holdout_tensors(holdout)
+        check_holdout_overlap(x, torch.as_tensor(idx, dtype=torch.long), xh)  # before any work
         holdout_ds = TensorDataset(xh, yh)
     extra: dict[str, Any] = {"seed": seed, "progress": progress}
     if device is not None:

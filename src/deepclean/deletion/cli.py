@@ -167,6 +167,9 @@ def _check_out(out: Path) -> None:
             raise ConfigurationError(
                 f"--out {out} already holds results ({', '.join(present)}); choose a new folder "
                 "or move them away (they are never overwritten)")
+    from deepclean.harness.resume import check_writable
+
+    check_writable(out, "--out")  # a folder that cannot be written fails before any work
 
 
 def _load_data(args: argparse.Namespace):
@@ -192,16 +195,16 @@ def _load_data(args: argparse.Namespace):
                 f"--holdout {args.holdout} is the training data itself; expected samples the "
                 "model never trained on")
         holdout = load_user_data(args.holdout, preprocessing=prep, classes=data.classes,
-                                 data_dir=args.data_dir)
+                                 data_dir=args.data_dir, option="--holdout")
     return data, ids, holdout
 
 
-def _model(args: argparse.Namespace, data, weights: str):
+def _model(args: argparse.Namespace, data, weights: str, option: str = "--weights"):
     from deepclean.deletion.usermodel import build_user_model, load_user_weights
 
     model = build_user_model(args.model, num_classes=args.num_classes or data.num_classes,
                              in_channels=data.in_channels, width=args.width, seed=args.seed)
-    info = load_user_weights(model, weights)
+    info = load_user_weights(model, weights, option=option)
     return model, info
 
 
@@ -471,7 +474,9 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     _print_summary(record)
     if record["status"] == "cannot verify":
         print("not verifiable without --holdout: " + "; ".join(record["cannot_verify"]))
-    print(f"gamma {record['unlearning'].get('gamma')} ({record['unlearning'].get('gamma_source')})"
+    gamma = record["unlearning"].get("gamma")
+    gamma_text = f"{gamma:.4g}" if isinstance(gamma, (int, float)) else str(gamma)
+    print(f"gamma {gamma_text} ({record['unlearning'].get('gamma_source')})"
           f", {record['unlearning']['weights_changed']} of {record['unlearning']['weights_total']}"
           f" weights changed, {record['unlearning']['duration_s']:.1f} s")
     print(f"written to {out}/ ({', '.join(RESULT_FILES)})")
@@ -495,7 +500,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     data, ids, holdout = _load_data(args)
     original, _ = _model(args, data, args.weights)
-    unlearned, _ = _model(args, data, args.unlearned)
+    unlearned, _ = _model(args, data, args.unlearned, "--unlearned")
     _check_fits(original, data)
     record = verify(original, unlearned, data, ids, holdout, seed=args.seed, device=device,
                     batch_size=args.batch_size)

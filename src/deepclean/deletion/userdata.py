@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -165,8 +166,11 @@ def load_user_data(
     preprocessing: Preprocessing | None = None,
     classes: Sequence[str] | None = None,
     data_dir: str | Path | None = None,
+    option: str = "--data",
 ) -> UserData:
     """Load ``--data`` / ``--holdout``: an ImageFolder folder, an ``.npz`` file or a data set name.
+
+    ``option`` names the input in error messages (``"--holdout"`` for held-out data).
 
     Args:
         spec: the folder, the ``.npz`` path, or ``NAME[:train|:test]`` of
@@ -195,7 +199,8 @@ def load_user_data(
         return _load_folder(path, prep, classes)
     if text.endswith(".npz"):
         if not path.is_file():
-            raise DataNotFoundError(f"--data {text}: no such file; expected an .npz holding x, y")
+            raise DataNotFoundError(f"{option} {text}: no such file; expected an .npz holding "
+                                    "x, y")
         return _load_npz(path, prep, classes)
     from deepclean.data import available_datasets, load_dataset
 
@@ -215,7 +220,7 @@ def load_user_data(
         _check_classes(names, classes, text)
         return UserData(TensorDataset(x, y), "dataset", text, names, None, prep)
     raise DataNotFoundError(
-        f"--data {text!r} is neither an existing folder (ImageFolder layout: one sub-folder per "
+        f"{option} {text!r} is neither an existing folder (ImageFolder layout: one sub-folder per "
         f"class), an .npz file holding x and y, nor a data set name ({available_datasets()}); "
         "check the path")
 
@@ -348,8 +353,9 @@ def _entries_from_text(text: str, source: str) -> list[str]:
                 raise DataError(f"{source}: row {i + 2} has no column {column + 1}")
             out.append(r[column].strip())
         return out
-    return [line.strip() for line in text.splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    # "#" at the start of a line or after a space starts a comment ("a#b.png" stays a name)
+    lines = (re.sub(r"(^|\s)#.*$", "", line).strip() for line in text.splitlines())
+    return [line for line in lines if line]
 
 
 def read_forget_request(path: str | Path, data: UserData) -> list[int]:

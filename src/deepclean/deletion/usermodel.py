@@ -219,17 +219,22 @@ class WeightsFile:
                 "tensors": len(self.names)}
 
 
-def _read_state(path: Path) -> tuple[dict[str, Any], str]:
+def _read_state(path: Path, option: str = "--weights") -> tuple[dict[str, Any], str]:
+    if path.is_dir():
+        raise CheckpointError(f"{option} {path} is a folder; expected a weights file "
+                              "(.safetensors, or a .pt/.pth state dict)")
     if not path.is_file():
-        raise CheckpointError(f"--weights {path}: no such file")
+        raise CheckpointError(f"{option} {path}: no such file")
     if path.suffix in (".pt", ".pth", ".bin"):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling refusal becomes one clear error
+            detail = " ".join(str(exc).split())[:200]
             raise CheckpointError(
-                f"--weights {path} could not be loaded with torch.load(weights_only=True) "
-                f"({type(exc).__name__}); only state dicts of tensors are accepted. Save "
-                "torch.save(model.state_dict(), path), not the model object.") from exc
+                f"{option} {path} could not be loaded with torch.load(weights_only=True) "
+                f"({type(exc).__name__}: {detail}). Expected an intact state dict of tensors, "
+                "saved with torch.save(model.state_dict(), path) (not the model object); a "
+                "truncated or corrupt file needs to be saved again.") from exc
         if isinstance(state, dict):
             for wrapper in ("state_dict", "model", "model_state_dict"):
                 if isinstance(state.get(wrapper), dict) and not any(
@@ -244,13 +249,16 @@ def _read_state(path: Path) -> tuple[dict[str, Any], str]:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"--weights {path} is not a readable safetensors file ({exc}); expected "
+            f"{option} {path} is not a readable safetensors file ({exc}); expected "
             ".safetensors, or a .pt/.pth state dict") from exc
     return state, "safetensors"
 
 
-def load_user_weights(model: nn.Module, path: str | Path) -> WeightsFile:
+def load_user_weights(model: nn.Module, path: str | Path, *,
+                      option: str = "--weights") -> WeightsFile:
     """Load ``--weights`` into ``model`` in place (strict), after checking every key and shape.
+
+    ``option`` names the file in error messages (``"--unlearned"`` for ``deepclean verify``).
 
     Returns:
         A :class:`WeightsFile` describing the file (hash, prefix, key names, dtypes).
@@ -263,13 +271,13 @@ def load_user_weights(model: nn.Module, path: str | Path) -> WeightsFile:
     from deepclean.checkpoint import state_digest
 
     p = Path(path)
-    state, fmt = _read_state(p)
+    state, fmt = _read_state(p, option)
     if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"--weights {p} does not hold a state dict of tensors (got "
+        raise CheckpointError(f"{option} {p} does not hold a state dict of tensors (got "
                               f"{type(state).__name__}); save model.state_dict()")
     bad_values = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad_values:
-        raise CheckpointError(f"--weights {p}: entries {bad_values[:_SHOW]} are not tensors; "
+        raise CheckpointError(f"{option} {p}: entries {bad_values[:_SHOW]} are not tensors; "
                               "expected a plain state dict (model.state_dict())")
     own = model.state_dict()
     if set(state) == set(own):  # exact names (even a model whose own names start "module.")
@@ -291,7 +299,7 @@ def load_user_weights(model: nn.Module, path: str | Path) -> WeightsFile:
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:_SHOW])}")
         raise CheckpointError(
-            f"--weights {p} does not fit --model: " + "; ".join(parts) + ". Build the same "
+            f"{option} {p} does not fit --model: " + "; ".join(parts) + ". Build the same "
             "architecture (and number of classes, width) the weights were trained with.")
     plain = {k: state[names[k]] for k in own}
     converted = {k: v.to(own[k].dtype) for k, v in plain.items()}

@@ -147,7 +147,8 @@ class ForgettingVerdict:
                          f"{m['auc_tolerance']:.3f})")
         else:
             parts.append(f"loss percentile {m['loss_percentile']:.2f} (ideal 0.5; AUC not "
-                         f"measurable on {int(m['n_forget'])} sample(s))")
+                         f"measurable on {int(m['n_forget'])} D_f and {int(m['n_holdout'])} "
+                         "held-out sample(s))")
         if not math.isnan(m.get("acc_retained_holdout", float("nan"))):
             ref = m.get("original_acc_retained_holdout", float("nan"))
             ref_txt = "" if math.isnan(ref) else f" (original {ref:.1f} %)"
@@ -481,9 +482,14 @@ def _attack(lf: torch.Tensor, yf: torch.Tensor, lh: torch.Tensor, yh: torch.Tens
     ties = (right - left) / nh
     pct = float(np.mean(lower + 0.5 * ties))
     if nf == 1:
-        lo, hi = 0.025, 0.975
+        # Under the null the one sample's rank among the nh held-out losses is uniform on
+        # {0, ..., nh}: reject at most 2.5 % on each side (nothing, for fewer than 39 samples).
+        q = math.floor(0.025 * (nh + 1))
+        lo, hi = q / nh, (nh - q) / nh
     else:
-        half = _Z95 * math.sqrt(1.0 / (12.0 * nf))
+        # The mean percentile is the Mann-Whitney AUC of D_f against the held-out samples; under
+        # the null its variance is (nf + nh + 1) / (12 nf nh): both sizes count.
+        half = _Z95 * math.sqrt((nf + nh + 1) / (12.0 * nf * nh))
         lo, hi = max(0.0, 0.5 - half), min(1.0, 0.5 + half)
     out: dict[str, Any] = {"loss_percentile": pct, "loss_percentile_low": lo,
                            "loss_percentile_high": hi}

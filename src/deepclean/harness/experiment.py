@@ -354,6 +354,9 @@ def _run_scenario(
         ctx.log(f"  {name}: Acc_Dr {metrics['acc_retain']:.2f}  Acc_Df {metrics['acc_forget']:.2f}"
                 f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
                 f"  time {seconds:.1f} s")
+        if "auto_gamma" in rec:
+            ctx.log(f"  {name}: gamma chosen on held-out data {rec['gamma']:.4g} "
+                    f"({100 * rec['share_reset']:.2f} % of the weights reset)")
         ctx.log(f"  {name}: verdict {rec['verdict']['summary']}")
     return records
 

@@ -7,7 +7,14 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["get_field", "mean_ci", "memorisation_note", "precompute_note", "verdict_lines"]
+__all__ = [
+    "auto_gamma_note",
+    "get_field",
+    "mean_ci",
+    "memorisation_note",
+    "precompute_note",
+    "verdict_lines",
+]
 
 
 def get_field(r: dict[str, Any], *path: str) -> Any:
@@ -81,3 +88,15 @@ def verdict_lines(records: Iterable[dict[str, Any]]) -> list[str]:
         out.append(f"- {method}: passed in {passed} of {len(measured)} seed(s); seed {seed}: "
                    f"{first['summary']}")
     return out
+
+
+def auto_gamma_note(records: Iterable[dict[str, Any]]) -> str:
+    """The thresholds chosen with ``gamma="auto"`` (the ``gamma`` of records holding an
+    ``auto_gamma`` search), per method and seed; an empty string when none was."""
+    parts = [f"{r['method']} seed {r['seed']}: {r['gamma']:.4g} "
+             f"({100 * r['share_reset']:.2f} % reset)"
+             for r in sorted(records, key=lambda r: (r.get("method", ""), r.get("seed", 0)))
+             if isinstance(r.get("auto_gamma"), dict) and isinstance(r.get("gamma"), (int, float))
+             and isinstance(r.get("share_reset"), (int, float))]
+    return ("Gamma chosen on held-out data (gamma='auto'): " + "; ".join(parts) + ".") if parts \
+        else ""

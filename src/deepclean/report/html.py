@@ -18,6 +18,7 @@ from typing import Any
 from deepclean.checkpoint import atomic_write_text
 from deepclean.report.catalogue import columns
 from deepclean.report.common import (
+    auto_gamma_note,
     get_field,
     mean_ci,
     memorisation_note,
@@ -112,6 +113,8 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
         parts.append(f"<p class='note'>{e(once)}</p>")
     if memorisation_note(recs):
         parts.append(f"<p class='note'>{e(memorisation_note(recs))}</p>")
+    if auto_gamma_note(recs):
+        parts.append(f"<p class='note'>{e(auto_gamma_note(recs))}</p>")
     verdicts = verdict_lines(recs)
     if verdicts:
         items = "".join(f"<li>{e(line.removeprefix('- '))}</li>" for line in verdicts[1:])

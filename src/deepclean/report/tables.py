@@ -28,7 +28,13 @@ from typing import Any
 from deepclean.checkpoint import atomic_write_text
 from deepclean.errors import CheckpointError
 from deepclean.report.catalogue import columns
-from deepclean.report.common import mean_ci, memorisation_note, precompute_note, verdict_lines
+from deepclean.report.common import (
+    auto_gamma_note,
+    mean_ci,
+    memorisation_note,
+    precompute_note,
+    verdict_lines,
+)
 
 __all__ = ["load_records", "load_sweep_records", "summarise", "markdown_tables", "csv_table",
            "latex_tables", "write_tables", "mean_ci", "is_failed", "missing_references",
@@ -277,6 +283,8 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
                                         r.get("scenario")) == (dataset, model, scenario)]
         if memorisation_note(group):
             lines.append(memorisation_note(group))
+        if auto_gamma_note(group):
+            lines.append(auto_gamma_note(group))
         verdicts = verdict_lines(group)
         if verdicts:
             lines += ["", *verdicts, ""]

@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_arguments(run)
     _add_tuned_arguments(run)
     run.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
-                     help="under torchrun: how long a process waits for the others at any "
-                     "collective (including while rank 0 trains a model that is not cached) "
-                     "before the job fails (default 30)")
+                     help="under torchrun: how long a process waits for the others at a "
+                     "collective before the job fails (default 30); the wait while rank 0 "
+                     "alone trains a model that is not cached is not bound by it")
 
     tune = sub.add_parser(
         "tune",

@@ -258,7 +258,8 @@ def agree_on_errors(error: BaseException | None, *, what: str) -> None:
     raise_if_any_rank_failed(codes, error, what=what)
 
 
-def broadcast_from_main(value: Any, *, error: BaseException | None = None, what: str) -> Any:
+def broadcast_from_main(value: Any, *, error: BaseException | None = None, what: str,
+                        patient: bool = False) -> Any:
     """Rank 0's ``value`` on every rank (pickled, as ``torch.distributed.broadcast_object_list``
     does); a collective that every rank must call (the other ranks' ``value`` is ignored).
 
@@ -266,6 +267,11 @@ def broadcast_from_main(value: Any, *, error: BaseException | None = None, what:
     its own error, the others an error of the same class naming rank 0. Tensors inside ``value``
     must be on the CPU (a CUDA tensor would arrive on rank 0's GPU). Outside a process group:
     ``value``, or ``error`` raised.
+
+    With ``patient``, the other ranks wait on the CPU group of :func:`torchrun_process_group`
+    (timeout ``wait_timeout_s``) rather than the default group, for work that rank 0 does alone
+    and that may outlast the default timeout (training a model that is not cached); a rank that
+    dies still ends the wait at once (its connections close). Without such a group: the default.
     """
     if not is_distributed() or _own_world_size() == 1:
         if error is not None:
@@ -273,7 +279,8 @@ def broadcast_from_main(value: Any, *, error: BaseException | None = None, what:
         return value
     main = _own_rank() == 0
     box = [error_code(error), None if error is not None else value] if main else [0, None]
-    dist.broadcast_object_list(box, src=0)
+    group = _PATIENT.get("group") if patient else None
+    dist.broadcast_object_list(box, src=0, group=group)
     codes = [int(box[0])] + [0] * (_own_world_size() - 1)
     raise_if_any_rank_failed(codes, error if main else None, what=what)
     return box[1]
@@ -299,8 +306,13 @@ def launched_with_several_processes() -> bool:
     return world is not None and world > 1
 
 
+# The CPU (gloo) group for patient waits, created by torchrun_process_group.
+_PATIENT: dict[str, Any] = {}
+
+
 @contextmanager
-def torchrun_process_group(*, timeout_s: float, cuda: bool) -> Iterator[bool]:
+def torchrun_process_group(*, timeout_s: float, cuda: bool,
+                           wait_timeout_s: float = 7 * 24 * 3600.0) -> Iterator[bool]:
     """Initialise the default process group from torchrun's environment for the body of the
     ``with``, and destroy it afterwards (also on an error).
 
@@ -308,15 +320,18 @@ def torchrun_process_group(*, timeout_s: float, cuda: bool) -> Iterator[bool]:
     initialised (then its owner destroys it). Otherwise (yields True): with ``cuda``, selects the
     GPU ``LOCAL_RANK`` (``torch.cuda.set_device``) and uses NCCL; else gloo (CPU). Every
     collective then fails after ``timeout_s`` seconds instead of waiting for ever for a rank that
-    died.
+    hangs (a rank that dies closes its connections, and the others fail at once). A second group
+    (gloo, timeout ``wait_timeout_s``, default 7 days) serves the waits of
+    :func:`broadcast_from_main` with ``patient=True``: the other ranks waiting while rank 0 alone
+    trains a model, which may take longer than ``timeout_s``.
 
     Raises:
         ConfigurationError: ``timeout_s`` is not a positive number; a torchrun variable is not an
             integer; or ``LOCAL_RANK`` names a GPU this machine does not have.
     """
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
-            not timeout_s > 0:
-        raise ConfigurationError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    for name, value in (("timeout_s", timeout_s), ("wait_timeout_s", wait_timeout_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
     if not launched_with_several_processes() or is_distributed():
         yield False
         return
@@ -339,7 +354,10 @@ def torchrun_process_group(*, timeout_s: float, cuda: bool) -> Iterator[bool]:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     try:
+        _PATIENT["group"] = dist.new_group(backend="gloo",
+                                           timeout=timedelta(seconds=wait_timeout_s))
         yield True
     finally:
+        _PATIENT.clear()
         if is_distributed():
             dist.destroy_process_group()

@@ -122,7 +122,8 @@ def _train_or_load(
             shared = (state, meta)
         except Exception as exc:  # every rank raises below instead of waiting for ever
             error = exc
-    state, meta = broadcast_from_main(shared, error=error, what=f"the {kind} model (rank 0)")
+    state, meta = broadcast_from_main(shared, error=error, what=f"the {kind} model (rank 0)",
+                                      patient=True)
     if is_main_process():
         return model, meta
     model = build_model(model_name, in_channels=ctx.data.in_channels,

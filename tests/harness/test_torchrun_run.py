@@ -208,6 +208,28 @@ def test_two_nodes_a_killed_rank_ends_the_other_node_with_a_clear_message(tmp_pa
     assert "another rank failed or was killed" in log0
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_what_rank_0_alone_checks_fails_on_every_rank(tmp_path) -> None:
+    """An output folder that is a file, or one that another run holds: rank 0 finds it, every
+    rank reports it and exits with status 2, and nothing is written."""
+    from deepclean.harness.locking import exclusive_lock
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    held = tmp_path / "held"
+    held.mkdir()
+    with exclusive_lock(held, purpose="another deepclean run"):
+        done = _finish([_start(_two_processes(*RUN, "--out", str(out), "--cache-dir",
+                                              str(tmp_path / "cache")))
+                        for out in (a_file, held)], timeout=60.0)
+    for (rc, log), why in zip(done, ("is a file", "is in use by"), strict=True):
+        assert rc != 0, log[-3000:]
+        assert "deepclean: error (rank 0 of 2): " in log and why in log, log[-3000:]
+        assert "deepclean: error (rank 1 of 2): " in log and "failed on rank 0 of 2" in log
+    assert a_file.read_text() == "mine\n"
+    assert [p.name for p in held.iterdir()] == [".deepclean.lock"]
+
+
 # -- without launching processes ---------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 from deepclean.checkpoint import (
     save_checkpoint,
 )
-from deepclean.distributed import agree_on_errors, is_main_process
+from deepclean.distributed import agree_on_errors, is_main_process, world_size
 from deepclean.errors import DataError, DivergenceError
 from deepclean.evaluation.evaluate import evaluate_model
 from deepclean.evaluation.memorisation import memorisation
@@ -122,6 +122,15 @@ def run_experiment(
     config: ExperimentConfig, *, log: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
     """Run the experiment described by ``config`` (see :func:`_run_experiment` for the files).
+
+    Under an initialised ``torch.distributed`` process group (``torchrun ... deepclean run``, or a
+    caller that initialised one) every rank runs every step with the same seeds, so draws the same
+    split and mask; the Fisher passes are split over the ranks and the masked fine-tunes run as
+    DistributedDataParallel, the other methods and the evaluation run whole on every rank. Rank 0
+    alone locks ``out_dir``, owns the model cache (trains or loads the original and gold models and
+    sends their weights to the other ranks), decides what is resumed (and sends that decision),
+    writes every file and logs; see ``docs/scale.md``. An error that rank 0 finds alone is
+    raised on every rank.
 
     The caller's global random states (torch, NumPy, Python) are the same afterwards; with
     ``config.deterministic`` the run is under :func:`deepclean.reproducibility.deterministic`.
@@ -379,6 +388,7 @@ def _run_scenario(
             "hyperparameters": method.hyperparameters(),
             "hp_source": hp_source(cfg, name, scenario),
             "resume_key": resume_key,
+            "world_size": world_size(),  # processes that ran it (torchrun); not in the key
             **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
             **({"auto_gamma": method.info_["auto_gamma"]} if "auto_gamma" in method.info_
                else {}),

@@ -8,6 +8,9 @@
                                   half that are never reported; writes a --hp-file for 'run'
     deepclean forget [options]    unlearn a deletion request from your own model and data
     deepclean verify [options]    check an unlearned model against held-out data
+
+``torchrun --nproc_per_node=N -m deepclean run [options]`` runs ``deepclean run`` as N processes
+(see ``docs/scale.md``); the other commands run in one process.
 """
 
 from __future__ import annotations

@@ -128,6 +128,7 @@ def test_two_processes_write_the_files_of_one_process_once(runs) -> None:
     b = json.loads((tmp / "two" / DEEPCLEAN).read_text())
     assert b["n_reset"] == a["n_reset"] and b["share_reset"] == a["share_reset"]
     assert b["forget_sha256"] == a["forget_sha256"]
+    assert a["world_size"] == 1 and b["world_size"] == 2
     for kind in ("original", "gold"):
         stem = f"results/digits_small_cnn_class_{kind}_seed0.json"
         x, y = (json.loads((tmp / d / stem).read_text()) for d in ("one", "two"))
@@ -187,6 +188,28 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_the_other_ranks_never_touch_the_output_and_cache_folders(tmp_path, runs) -> None:
+    """Two machines (localhost), the second given folders that do not exist: rank 1 neither
+    creates, reads nor writes them (it gets everything from rank 0), and rank 0 writes the files
+    of the one-process run; so the machines need no shared file system."""
+    port = _free_port()
+    folders = {0: (tmp_path / "out", tmp_path / "cache"),
+               1: (tmp_path / "elsewhere" / "out", tmp_path / "elsewhere" / "cache")}
+    nodes = [_start(_torchrun("--nnodes", "2", "--node_rank", str(node), "--nproc_per_node",
+                              "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                              "-m", "deepclean", *RUN, "--out", str(folders[node][0]),
+                              "--cache-dir", str(folders[node][1])))
+             for node in (0, 1)]
+    done = _finish(nodes)
+    assert [rc for rc, _ in done] == [0, 0], "\n".join(log[-3000:] for _, log in done)
+    assert not (tmp_path / "elsewhere").exists()
+    assert set(_files(tmp_path / "out")) == set(_files(runs["tmp"] / "one"))
+    a = json.loads((runs["tmp"] / "one" / DEEPCLEAN).read_text())
+    b = json.loads((tmp_path / "out" / DEEPCLEAN).read_text())
+    assert b["share_reset"] == a["share_reset"] and b["world_size"] == 2
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")

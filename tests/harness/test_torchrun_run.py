@@ -184,6 +184,30 @@ def test_a_rank_killed_mid_run_ends_the_job_with_an_error(tmp_path) -> None:
     assert "results written to" not in log
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_launch_after_a_kill_reuses_what_was_finished(tmp_path) -> None:
+    out = tmp_path / "out"
+    flags = [*RUN, "--seeds", "0", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    first = out / "results" / "digits_small_cnn_class_deepclean_seed0.json"
+    proc = _start(_two_processes(*flags))
+    killed = _kill_rank_when_started(proc, first, rank=1)
+    ((rc, log),) = _finish([proc], timeout=60.0)
+    assert killed and rc != 0, log[-3000:]
+    assert not (out / "results" / "digits_small_cnn_class_finetune_seed1.json").exists()
+    ((rc, log),) = _finish([_start(_two_processes(*flags))])
+    assert rc == 0, log[-3000:]
+    assert "resuming in" in log and "deepclean: reused the finished result" in log
+    assert log.count("unlearning with deepclean") == 1  # seed 1 only
+    for seed in (0, 1):
+        for method in ("deepclean", "finetune"):
+            name = f"digits_small_cnn_class_{method}_seed{seed}"
+            record = json.loads((out / "results" / f"{name}.json").read_text())
+            assert record["method"] == method and record["seed"] == seed
+            assert (out / "checkpoints" / f"{name}.safetensors").is_file()
+            assert (out / "audit" / f"{name}.json").is_file()
+    assert not list(out.rglob(".*.tmp"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,12 +8,16 @@
                                   half that are never reported; writes a --hp-file for 'run'
     deepclean forget [options]    unlearn a deletion request from your own model and data
     deepclean verify [options]    check an unlearned model against held-out data
+
+``torchrun --nproc_per_node=N -m deepclean run [options]`` runs ``deepclean run`` as N processes
+(see ``docs/scale.md``); the other commands run in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -125,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_experiment_arguments(run)
     _add_tuned_arguments(run)
+    run.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+                     help="under torchrun: how long a process waits for the others at a "
+                     "collective before the job fails (default 30); the wait while rank 0 "
+                     "alone trains a model that is not cached is not bound by it")
 
     tune = sub.add_parser(
         "tune",
@@ -367,9 +375,73 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``deepclean`` command; returns the exit status."""
+    """Entry point of the ``deepclean`` command; returns the exit status.
+
+    Under ``torchrun`` (environment variable ``WORLD_SIZE`` above 1), ``deepclean run`` joins the
+    process group (gloo on the CPU, NCCL on the GPU of ``LOCAL_RANK``) and leaves it at the end;
+    see ``docs/scale.md``. Every rank reports its own error with its rank and exits non-zero, and
+    torchrun then stops the others.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    from deepclean.distributed import launched_with_several_processes
+
+    try:
+        several = launched_with_several_processes()
+    except DeepCleanError as exc:
+        print(f"deepclean: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    if not several:
+        return _main(args)
+    if args.command not in ("run", "methods"):
+        print(f"deepclean: error: 'deepclean {args.command}' runs in one process, but this one "
+              f"was started as one of {os.environ.get('WORLD_SIZE')} (torchrun); only 'deepclean "
+              f"run' runs under torchrun. Start 'deepclean {args.command}' without torchrun.",
+              file=sys.stderr)
+        return 2
+    if args.command == "methods":
+        return _main(args)
+    return _main_distributed(args)
+
+
+def _main_distributed(args: argparse.Namespace) -> int:
+    """``deepclean run`` as one of several processes started by torchrun."""
+    from deepclean.distributed import rank, torchrun_process_group, world_size
+
+    where = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}"
+    try:
+        if not args.dist_timeout > 0:
+            raise ConfigurationError(
+                f"--dist-timeout must be a number of minutes > 0, got {args.dist_timeout}")
+        if args.device and args.device not in ("auto", "cpu", "cuda"):
+            raise ConfigurationError(
+                f"--device {args.device} is not supported under torchrun; expected cpu, cuda or "
+                "auto (each process then uses the GPU of its LOCAL_RANK)")
+        from deepclean.training import resolve_device
+
+        cuda = resolve_device(args.device).type == "cuda"
+        with torchrun_process_group(timeout_s=60.0 * args.dist_timeout, cuda=cuda):
+            where = f"rank {rank()} of {world_size()}"
+            return _main(args, where=where)
+    except DeepCleanError as exc:
+        if args.traceback:
+            raise
+        print(f"deepclean: error ({where}): {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # e.g. a collective that timed out or lost a rank that died
+        if args.traceback:
+            raise
+        print(f"deepclean: error ({where}): {type(exc).__name__}: {_one_line(exc)}. Under "
+              "torchrun this usually means that another rank failed or was killed (its own "
+              "message says why) or did not answer within --dist-timeout minutes.",
+              file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace, *, where: str | None = None) -> int:
+    """The command of ``args``; ``where`` ("rank r of W") prefixes the error messages under
+    torchrun."""
+    error_prefix = f"deepclean: error ({where}):" if where else "deepclean: error:"
     try:
         if args.command == "methods":
             return _cmd_methods()
@@ -402,12 +474,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sweep written to {config.out_dir}/ (sweep/, figures/, report.html)")
             return 0
         records = run_experiment(config)
-        print(f"results written to {config.out_dir}/ (results.md, results.csv, results.tex, "
-              "tables/, figures/, report.html, results/, splits/, audit/, checkpoints/)")
+        from deepclean.distributed import is_main_process
         from deepclean.harness.records import failed_records
 
+        main_process = is_main_process()  # under torchrun: rank 0 wrote the files and prints
+        if main_process:
+            print(f"results written to {config.out_dir}/ (results.md, results.csv, "
+                  "results.tex, tables/, figures/, report.html, results/, splits/, audit/, "
+                  "checkpoints/)")
         failed = failed_records(records)
-        if failed:
+        if failed:  # every rank exits with 4 (the same records on every rank)
+            if not main_process:
+                return 4
             names = sorted({f"{r['method']} ({r['scenario']}, seed {r['seed']})" for r in failed})
             print(f"deepclean: {len(failed)} method run(s) failed: {', '.join(names)}; see "
                   "results.md", file=sys.stderr)
@@ -416,12 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeepCleanError as exc:
         if args.traceback:
             raise
-        print(f"deepclean: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{error_prefix} {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that cannot be written, a full disk
         if args.traceback:
             raise
-        print(f"deepclean: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{error_prefix} {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("deepclean: interrupted", file=sys.stderr)

@@ -12,7 +12,11 @@ sums and counts with :func:`all_reduce_sum_`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +44,10 @@ __all__ = [
     "error_code",
     "raise_if_any_rank_failed",
     "barrier",
+    "agree_on_errors",
+    "broadcast_from_main",
+    "launched_with_several_processes",
+    "torchrun_process_group",
 ]
 
 # Error classes that every rank can re-raise by number when another rank failed (code = index + 1).
@@ -236,3 +244,120 @@ def barrier() -> None:
     """Wait until every rank reaches this call; does nothing outside a process group."""
     if is_distributed() and world_size() > 1:
         dist.barrier()
+
+
+def agree_on_errors(error: BaseException | None, *, what: str) -> None:
+    """Raise on every rank if ``error`` is not None on any rank; a collective (one all-reduce of
+    ``world_size()`` integers), so every rank must call it, with its own error or None.
+
+    Use it after work that only some ranks do (e.g. rank 0 checks the output folder): a rank that
+    failed raises its own error, the others an error of the same class naming it, and no rank is
+    left waiting in a later collective. Outside a process group it raises ``error`` if any.
+    """
+    codes = all_gather_ints([error_code(error)])[:, 0].tolist()
+    raise_if_any_rank_failed(codes, error, what=what)
+
+
+def broadcast_from_main(value: Any, *, error: BaseException | None = None, what: str,
+                        patient: bool = False) -> Any:
+    """Rank 0's ``value`` on every rank (pickled, as ``torch.distributed.broadcast_object_list``
+    does); a collective that every rank must call (the other ranks' ``value`` is ignored).
+
+    When rank 0 passes an ``error`` (it failed to produce ``value``), every rank raises: rank 0
+    its own error, the others an error of the same class naming rank 0. Tensors inside ``value``
+    must be on the CPU (a CUDA tensor would arrive on rank 0's GPU). Outside a process group:
+    ``value``, or ``error`` raised.
+
+    With ``patient``, the other ranks wait on the CPU group of :func:`torchrun_process_group`
+    (timeout ``wait_timeout_s``) rather than the default group, for work that rank 0 does alone
+    and that may outlast the default timeout (training a model that is not cached); a rank that
+    dies still ends the wait at once (its connections close). Without such a group: the default.
+    """
+    if not is_distributed() or _own_world_size() == 1:
+        if error is not None:
+            raise error
+        return value
+    main = _own_rank() == 0
+    box = [error_code(error), None if error is not None else value] if main else [0, None]
+    group = _PATIENT.get("group") if patient else None
+    dist.broadcast_object_list(box, src=0, group=group)
+    codes = [int(box[0])] + [0] * (_own_world_size() - 1)
+    raise_if_any_rank_failed(codes, error if main else None, what=what)
+    return box[1]
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigurationError(
+            f"the environment variable {name} must be an integer (torchrun sets it), got "
+            f"{text!r}; start the command with torchrun, or unset {name}"
+        ) from None
+
+
+def launched_with_several_processes() -> bool:
+    """Whether this process was started by ``torchrun`` (or another launcher that sets the same
+    variables) as one of several: the environment variable ``WORLD_SIZE`` is above 1."""
+    world = _env_int("WORLD_SIZE", 1)
+    return world is not None and world > 1
+
+
+# The CPU (gloo) group for patient waits, created by torchrun_process_group.
+_PATIENT: dict[str, Any] = {}
+
+
+@contextmanager
+def torchrun_process_group(*, timeout_s: float, cuda: bool,
+                           wait_timeout_s: float = 7 * 24 * 3600.0) -> Iterator[bool]:
+    """Initialise the default process group from torchrun's environment for the body of the
+    ``with``, and destroy it afterwards (also on an error).
+
+    Does nothing (yields False) when ``WORLD_SIZE`` is not above 1 or a group is already
+    initialised (then its owner destroys it). Otherwise (yields True): with ``cuda``, selects the
+    GPU ``LOCAL_RANK`` (``torch.cuda.set_device``) and uses NCCL; else gloo (CPU). Every
+    collective then fails after ``timeout_s`` seconds instead of waiting for ever for a rank that
+    hangs (a rank that dies closes its connections, and the others fail at once). A second group
+    (gloo, timeout ``wait_timeout_s``, default 7 days) serves the waits of
+    :func:`broadcast_from_main` with ``patient=True``: the other ranks waiting while rank 0 alone
+    trains a model, which may take longer than ``timeout_s``.
+
+    Raises:
+        ConfigurationError: ``timeout_s`` is not a positive number; a torchrun variable is not an
+            integer; or ``LOCAL_RANK`` names a GPU this machine does not have.
+    """
+    for name, value in (("timeout_s", timeout_s), ("wait_timeout_s", wait_timeout_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
+    if not launched_with_several_processes() or is_distributed():
+        yield False
+        return
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ConfigurationError(
+                f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set; start the "
+                "command with torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and "
+                "MASTER_PORT), or unset WORLD_SIZE to run in one process"
+            )
+    if cuda:
+        local = _env_int("LOCAL_RANK", 0)
+        count = torch.cuda.device_count()
+        if not 0 <= local < count:
+            raise ConfigurationError(
+                f"LOCAL_RANK is {local} but this machine has {count} visible CUDA GPU(s); start "
+                f"at most {count} processes per machine (torchrun --nproc_per_node={count}), or "
+                "run on the CPU (--device cpu)"
+            )
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        _PATIENT["group"] = dist.new_group(backend="gloo",
+                                           timeout=timedelta(seconds=wait_timeout_s))
+        yield True
+    finally:
+        _PATIENT.clear()
+        if is_distributed():
+            dist.destroy_process_group()

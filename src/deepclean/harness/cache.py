@@ -1,6 +1,13 @@
 """The run context and the model cache: data, device and folders; original and gold models and
 the training-set Fisher, trained once and reused under a key of everything that determines them
-(locked per entry, so concurrent runs train each model once)."""
+(locked per entry, so concurrent runs train each model once).
+
+Under ``torch.distributed`` (``torchrun ... deepclean run``) rank 0 alone owns the cache: it takes
+the entry's lock, trains or loads the model and saves it, then sends the weights to the other
+ranks (:func:`deepclean.distributed.broadcast_from_main`), which wait for them; the other ranks
+never read or write the cache folder, so it need not be shared between machines. The training-set
+Fisher is computed by every rank together (each sums its shard), and rank 0 decides whether the
+cached one is reused and saves a new one."""
 
 from __future__ import annotations
 
@@ -25,6 +32,12 @@ from deepclean.checkpoint import (
 from deepclean.data.datasets import ImageData, load_dataset
 from deepclean.data.models import build_model
 from deepclean.data.splits import ForgetSplit, make_split
+from deepclean.distributed import (
+    agree_on_errors,
+    broadcast_from_main,
+    is_main_process,
+    world_size,
+)
 from deepclean.errors import CheckpointError
 from deepclean.fisher.train_fisher import TrainFisher, model_digest, precompute_train_fisher
 from deepclean.harness.config import (
@@ -91,10 +104,33 @@ def _train_or_load(
     key = _key(payload)
     path = ctx.cache_dir / f"{kind}-{cfg.dataset}-{model_name}-{key}.safetensors"
 
-    # a second process that needs the same model waits here and then reuses it
-    with exclusive_lock(path, purpose=f"training the {kind} model", wait=True):
-        return _train_or_load_locked(ctx, kind=kind, model_name=model_name, seed=seed, x=x, y=y,
-                                     payload=payload, key=key, path=path)
+    def train_or_load() -> tuple[torch.nn.Module, dict[str, Any]]:
+        # a second process that needs the same model waits here and then reuses it
+        with exclusive_lock(path, purpose=f"training the {kind} model", wait=True):
+            return _train_or_load_locked(ctx, kind=kind, model_name=model_name, seed=seed, x=x,
+                                         y=y, payload=payload, key=key, path=path)
+
+    if world_size() == 1:
+        return train_or_load()
+    # Several ranks: rank 0 trains (or loads) and saves; the others wait for its weights here.
+    shared, error = None, None
+    if is_main_process():
+        try:
+            model, meta = train_or_load()
+            state = {k: v.detach().cpu() for k, v in
+                     strip_module_prefix(model.state_dict()).items()}
+            shared = (state, meta)
+        except Exception as exc:  # every rank raises below instead of waiting for ever
+            error = exc
+    state, meta = broadcast_from_main(shared, error=error, what=f"the {kind} model (rank 0)",
+                                      patient=True)
+    if is_main_process():
+        return model, meta
+    model = build_model(model_name, in_channels=ctx.data.in_channels,
+                        num_classes=ctx.data.num_classes, width=cfg.width, seed=seed)
+    model.load_state_dict(state, strict=True)
+    model = to_memory_format(model.to(ctx.device), cfg.channels_last)
+    return model.eval(), meta
 
 
 def _train_or_load_locked(ctx: _Context, *, kind: str, model_name: str, seed: int,
@@ -137,14 +173,26 @@ def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Cont
     config.validate()
     device = resolve_device(config.device)
     check_precision(config.precision, device)
-    data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+    if config.download and world_size() > 1:  # rank 0 downloads, then the others read it
+        data, error = None, None
+        if is_main_process():
+            try:
+                data = load_dataset(config.dataset, data_dir=config.data_dir, download=True)
+            except Exception as exc:
+                error = exc
+        agree_on_errors(error, what="loading the data set (rank 0)")
+        if not is_main_process():
+            data = load_dataset(config.dataset, data_dir=config.data_dir, download=True)
+    else:
+        data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     if config.test_half == "report":
 
         _, report = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
         data = replace(data, test_x=data.test_x[report], test_y=data.test_y[report])
     out_dir = Path(config.out_dir)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():  # under torch.distributed only rank 0 writes files
+        out_dir.mkdir(parents=True, exist_ok=True)
     return _Context(config, data, device, cache_dir, out_dir, log)
 
 
@@ -174,10 +222,33 @@ def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
         return None
     path = ctx.cache_dir / f"fisher-{cfg.dataset}-{model_name}-{original_meta['key']}.safetensors"
     digest = model_digest(original)
+    cached, error = None, None
+    if is_main_process():  # rank 0 decides whether the cached I_D is reused, and sends it
+        try:
+            cached = _cached_train_fisher(ctx, path, digest, int(x_train.shape[0]))
+        except Exception as exc:
+            error = exc
+    cached = broadcast_from_main(cached, error=error, what="reading the training-set Fisher")
+    if cached is not None:
+        return cached
+    batch = cfg.hyperparameters.get("deepclean", {}).get("fisher_batch_size", 256)
+    # a collective under torch.distributed: every rank sums its shard of the training set
+    tf = precompute_train_fisher(original, TensorDataset(x_train, y_train), batch_size=batch,
+                                 device=ctx.device)
+    if is_main_process():
+        tf.save(path, {"key": original_meta["key"]})
+    ctx.log(f"  training-set Fisher I_D on {tf.n_samples} samples: {tf.time_s:.1f} s "
+            "(once per original model)")
+    return tf
+
+
+def _cached_train_fisher(ctx: _Context, path: Path, digest: str, n: int) -> Any:
+    """The cached training-set Fisher at ``path`` when it belongs to the model of ``digest`` and
+    ``n`` samples (on the CPU), else None (logged)."""
     if path.is_file():
         try:
             tf, _ = TrainFisher.load(path)
-            if tf.model_sha256 == digest and tf.n_samples == x_train.shape[0]:
+            if tf.model_sha256 == digest and tf.n_samples == n:
                 ctx.log(f"  training-set Fisher I_D: reused {path} (computed in {tf.time_s:.1f} s)")
                 return tf
             ctx.log(f"  training-set Fisher: cache entry {path} belongs to another model; "
@@ -185,13 +256,7 @@ def _train_fisher(ctx: _Context, *, model_name: str, original: torch.nn.Module,
         except CheckpointError as exc:
             reason = str(exc).split(";")[0]  # without the advice to delete: it is rebuilt now
             ctx.log(f"  training-set Fisher: cache entry unusable ({reason}); recomputing it")
-    batch = cfg.hyperparameters.get("deepclean", {}).get("fisher_batch_size", 256)
-    tf = precompute_train_fisher(original, TensorDataset(x_train, y_train), batch_size=batch,
-                                 device=ctx.device)
-    tf.save(path, {"key": original_meta["key"]})
-    ctx.log(f"  training-set Fisher I_D on {tf.n_samples} samples: {tf.time_s:.1f} s "
-            "(once per original model)")
-    return tf
+    return None
 
 
 def _split_and_gold(ctx: _Context, *, scenario: str, seed: int, model_name: str,
@@ -209,7 +274,9 @@ def _split_and_gold(ctx: _Context, *, scenario: str, seed: int, model_name: str,
         "note": "forget_indices index the training subset; train_subset maps them to the "
                 "data set's training split",
     }
-    _write_json(ctx.out_dir / "splits" / f"{cfg.dataset}_{scenario}_seed{seed}.json", manifest)
+    if is_main_process():  # every rank draws the same split (same seed); rank 0 writes it
+        _write_json(ctx.out_dir / "splits" / f"{cfg.dataset}_{scenario}_seed{seed}.json",
+                    manifest)
     ctx.log(f" scenario {scenario}: |D_f| = {split.forget.numel()}, "
             f"|D_r| = {split.retain.numel()}")
     gold, gold_meta = _gold_model(ctx, model_name=model_name, seed=seed, subset=subset,

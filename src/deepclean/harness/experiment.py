@@ -28,8 +28,9 @@ in full precision (:mod:`deepclean.precision`). With ``channels_last`` every mod
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from torch.utils.data import TensorDataset
 from deepclean.checkpoint import (
     save_checkpoint,
 )
+from deepclean.distributed import agree_on_errors, is_main_process, world_size
 from deepclean.errors import DataError, DivergenceError
 from deepclean.evaluation.evaluate import evaluate_model
 from deepclean.evaluation.memorisation import memorisation
@@ -121,6 +123,15 @@ def run_experiment(
 ) -> list[dict[str, Any]]:
     """Run the experiment described by ``config`` (see :func:`_run_experiment` for the files).
 
+    Under an initialised ``torch.distributed`` process group (``torchrun ... deepclean run``, or a
+    caller that initialised one) every rank runs every step with the same seeds, so draws the same
+    split and mask; the Fisher passes are split over the ranks and the masked fine-tunes run as
+    DistributedDataParallel, the other methods and the evaluation run whole on every rank. Rank 0
+    alone locks ``out_dir``, owns the model cache (trains or loads the original and gold models and
+    sends their weights to the other ranks), decides what is resumed (and sends that decision),
+    writes every file and logs; see ``docs/scale.md``. An error that rank 0 finds alone is
+    raised on every rank.
+
     The caller's global random states (torch, NumPy, Python) are the same afterwards; with
     ``config.deterministic`` the run is under :func:`deepclean.reproducibility.deterministic`.
     An interrupted run started again with the same configuration and ``out_dir`` resumes: cached
@@ -129,8 +140,30 @@ def run_experiment(
 
     switch = deterministic(warn_only=True) if config.deterministic is True else nullcontext()
     config.validate()  # bad settings fail before the output folder is touched
-    with preserve_global_rng(), switch, out_dir_lock(config.out_dir, "deepclean run"):
+    if not is_main_process():  # under torch.distributed rank 0 alone prints and shows progress
+        log = _silent
+        config = replace(config, progress=False)
+    with preserve_global_rng(), switch, _main_process_lock(config.out_dir, "deepclean run"):
         return _run_experiment(config, log=log)
+
+
+def _silent(text: str) -> None:
+    """The log of the ranks other than 0 under torch.distributed: nothing."""
+
+
+@contextmanager
+def _main_process_lock(out_dir: str | Path, purpose: str) -> Iterator[None]:
+    """:func:`out_dir_lock`, taken by rank 0 alone under torch.distributed; when rank 0 cannot
+    take it (another run holds the folder), every rank raises its ``BusyError``."""
+    with ExitStack() as stack:
+        error = None
+        if is_main_process():
+            try:
+                stack.enter_context(out_dir_lock(out_dir, purpose))
+            except Exception as exc:
+                error = exc
+        agree_on_errors(error, what="locking the output folder (rank 0)")
+        yield
 
 
 def out_dir_lock(out_dir: str | Path, purpose: str):
@@ -177,16 +210,23 @@ def _run_experiment(
     config.validate()
     out_dir = Path(config.out_dir)
     config_record = config.to_dict() | {"device_used": str(resolve_device(config.device))}
-    check_cache_dir(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
-    resuming = check_out_dir(out_dir, config_record)
-    check_writable(out_dir, "--out")
-    if resuming:
-        log(f"resuming in {out_dir}: finished results of this configuration are reused")
-        remove_stale_temporaries(out_dir)
+    error = None
+    if is_main_process():  # rank 0 owns the output folder and the cache; the others wait
+        try:
+            check_cache_dir(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+            resuming = check_out_dir(out_dir, config_record)
+            check_writable(out_dir, "--out")
+            if resuming:
+                log(f"resuming in {out_dir}: finished results of this configuration are reused")
+                remove_stale_temporaries(out_dir)
+        except Exception as exc:
+            error = exc
+    agree_on_errors(error, what="checking the output and cache folders (rank 0)")
     ctx = _make_context(config, log)
     data, device, out_dir = ctx.data, ctx.device, ctx.out_dir
     _precheck(config, data)
-    _write_json(out_dir / "config.json", config_record)
+    if is_main_process():
+        _write_json(out_dir / "config.json", config_record)
     records: list[dict[str, Any]] = []
     for seed in config.seeds:
         subset, x_train, y_train = _training_subset(ctx, seed)
@@ -211,8 +251,9 @@ def _run_experiment(
                     x_train=x_train, y_train=y_train, original=original,
                     original_meta=original_meta, train_fisher=train_fisher, pool=pool,
                 )
-    tables = build_report(out_dir, records=records)
-    log(tables)
+    if is_main_process():
+        tables = build_report(out_dir, records=records)
+        log(tables)
     return records
 
 
@@ -288,6 +329,9 @@ def _run_scenario(
                                     gold_time_s=gold_meta["train_time_s"])
         name = f"{stem}_{method}_seed{seed}"
         rec["state_sha256"] = _state_sha(model)
+        records.append(rec)
+        if not is_main_process():  # every rank computed it; rank 0 alone writes it
+            return rec
         # checkpoint, then audit record, then result JSON (the mark of a finished method)
         save_checkpoint(ctx.out_dir / "checkpoints" / f"{name}.safetensors", model,
                         {"method": method, "forget_sha256": split.digest, "seed": seed,
@@ -296,7 +340,6 @@ def _run_scenario(
             _write_audit(ctx, name, audit, original=original, unlearned=model, split=split,
                          metrics=metrics, gold_metrics=gold_metrics, rec=rec)
         _write_json(ctx.out_dir / "results" / f"{name}.json", rec)
-        records.append(rec)
         return rec
 
     forget = TensorDataset(x_train[split.forget], y_train[split.forget])
@@ -345,6 +388,7 @@ def _run_scenario(
             "hyperparameters": method.hyperparameters(),
             "hp_source": hp_source(cfg, name, scenario),
             "resume_key": resume_key,
+            "world_size": world_size(),  # processes that ran it (torchrun); not in the key
             **{k: v for k, v in method.info_.items() if isinstance(v, (int, float, str))},
             **({"auto_gamma": method.info_["auto_gamma"]} if "auto_gamma" in method.info_
                else {}),

@@ -10,6 +10,7 @@ import torch
 
 from deepclean._version import __version__
 from deepclean.data.splits import ForgetSplit
+from deepclean.distributed import broadcast_from_main, is_main_process
 from deepclean.errors import DataError, DivergenceError
 from deepclean.evaluation.evaluate import evaluate
 from deepclean.evaluation.outputs import (
@@ -72,7 +73,8 @@ def _failed_record(ctx: _Context, base: dict[str, Any], stem: str, name: str, se
     rec = base | {"method": name, "status": "failed", "failure": str(exc), "metrics": None,
                   "time_s": None, "hyperparameters": method.hyperparameters(),
                   "hp_source": source, "resume_key": resume_key}
-    _write_json(ctx.out_dir / "results" / f"{stem}_{name}_seed{seed}.json", rec)
+    if is_main_process():  # under torch.distributed every rank failed alike; rank 0 writes
+        _write_json(ctx.out_dir / "results" / f"{stem}_{name}_seed{seed}.json", rec)
     ctx.log(f"  {name}: FAILED: {exc}")
     return rec
 
@@ -125,16 +127,25 @@ def _resume_key(base: dict[str, Any], original_sha: str, method: str,
 
 
 def _reuse_finished(ctx: _Context, name: str, key: str) -> dict[str, Any] | None:
-    """The finished result ``name`` of an earlier run with the same key, else ``None``."""
+    """The finished result ``name`` of an earlier run with the same key, else ``None``.
 
-    record, why = load_finished(
-        ctx.out_dir / "results" / f"{name}.json",
-        ctx.out_dir / "checkpoints" / f"{name}.safetensors", key,
-        audit_path=ctx.out_dir / "audit" / f"{name}.json",
-    )
-    if record is None and why != "no result yet":
-        ctx.log(f"  {name}: recomputing ({why})")
-    return record
+    Under ``torch.distributed`` rank 0 alone reads the output folder and sends its decision (the
+    record, or None) to the other ranks, so every rank reuses or recomputes alike; a collective.
+    """
+
+    record, error = None, None
+    if is_main_process():
+        try:
+            record, why = load_finished(
+                ctx.out_dir / "results" / f"{name}.json",
+                ctx.out_dir / "checkpoints" / f"{name}.safetensors", key,
+                audit_path=ctx.out_dir / "audit" / f"{name}.json",
+            )
+            if record is None and why != "no result yet":
+                ctx.log(f"  {name}: recomputing ({why})")
+        except Exception as exc:
+            error = exc
+    return broadcast_from_main(record, error=error, what=f"reading the earlier result {name}")
 
 
 def _write_audit(ctx: _Context, name: str, audit: dict[str, Any], *, original: torch.nn.Module,

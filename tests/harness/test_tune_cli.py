@@ -160,3 +160,29 @@ def test_fisher_forgetting_gets_the_true_fisher_once_per_search(tmp_path, monkey
     assert calls == [1]  # once for the search, not once per trial
     search = json.loads((tmp_path / "t" / "tuning" / "class_fisher_forgetting.json").read_text())
     assert len(search["trials"]) == 3 and search["best_score"] is not None
+
+
+def test_an_interrupted_tune_leaves_a_usable_partial_hp_file(tmp_path, monkeypatch):
+    import deepclean.harness.tune as tune_module
+    from deepclean.harness.tuning import read_hp_file
+
+    real, calls = tune_module.tune, []
+
+    def stop_at_the_second_search(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "tune", stop_at_the_second_search)
+    argv = ["tune", *COMMON, "--methods", "finetune,deepclean", "--scenarios", "class",
+            "--trials", "2", "--out", str(tmp_path / "t"), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 130  # interrupted
+    tuned, protocol = read_hp_file(tmp_path / "t" / "hyperparameters.json")
+    assert protocol["complete"] is False
+    assert list(tuned["class"]) == ["finetune"]  # the finished search only
+    assert "| finetune |" in (tmp_path / "t" / "tuning.md").read_text()
+    monkeypatch.setattr(tune_module, "tune", real)
+    assert main(argv) == 0  # resumes: finetune reused, deepclean searched
+    tuned, protocol = read_hp_file(tmp_path / "t" / "hyperparameters.json")
+    assert protocol["complete"] is True and sorted(tuned["class"]) == ["deepclean", "finetune"]

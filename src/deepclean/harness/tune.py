@@ -138,6 +138,22 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                                                device=ctx.device)
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
     searches: dict[str, dict[str, Any]] = {}
+
+    def write_outputs(complete: bool) -> Path:
+        """hyperparameters.json and tuning.md from the searches finished so far: after every
+        search, so an interrupted tune leaves a usable (partial) --hp-file."""
+        protocol = {
+            "tune_seed": tune_seed, "n_trials": n_trials, "max_passes": max_passes,
+            "objective": "avg_gap over acc_forget, acc_retain, acc_val, mia (validation half)",
+            "test_halves_seed": TEST_HALVES_SEED, "dataset": cfg.dataset, "model": model_name,
+            "width": cfg.width, "train_size": cfg.train_size, "scenarios": list(cfg.scenarios),
+            "sampler": "optuna TPESampler(seed=tune_seed)",
+            "time_s": {s: {m: r["time_s"] for m, r in v.items()} for s, v in searches.items()},
+            "complete": complete,
+        }
+        path = write_hp_file(ctx.out_dir / "hyperparameters.json", tuned, protocol)
+        atomic_write_text(ctx.out_dir / "tuning.md", tuning_table(searches))
+        return path
     for scenario in cfg.scenarios:
         split, gold, _ = cache._split_and_gold(ctx, scenario=scenario, seed=tune_seed,
                                             model_name=model_name, subset=subset,
@@ -178,6 +194,7 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                 searches[scenario][name] = done
                 if done["best"]:
                     tuned[scenario][name] = {k: done["best"][k] for k in space}
+                write_outputs(complete=False)
                 continue
             log(f"  {scenario} / {name}: {n_trials} trials over {sorted(space)}")
             shared = method_class(name).tuning_collaborators(original, forget, retain,
@@ -195,18 +212,9 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
             }
             atomic_write_text(path, json.dumps(searches[scenario][name], indent=2,
                                                sort_keys=True) + "\n")
-    protocol = {
-        "tune_seed": tune_seed, "n_trials": n_trials, "max_passes": max_passes,
-        "objective": "avg_gap over acc_forget, acc_retain, acc_val, mia (validation half)",
-        "test_halves_seed": TEST_HALVES_SEED, "dataset": cfg.dataset, "model": model_name,
-        "width": cfg.width, "train_size": cfg.train_size, "scenarios": list(cfg.scenarios),
-        "sampler": "optuna TPESampler(seed=tune_seed)",
-        "time_s": {s: {m: r["time_s"] for m, r in v.items()} for s, v in searches.items()},
-    }
-    path = write_hp_file(ctx.out_dir / "hyperparameters.json", tuned, protocol)
-    table = tuning_table(searches)
-    atomic_write_text(ctx.out_dir / "tuning.md", table)
-    log(table)
+            write_outputs(complete=False)
+    path = write_outputs(complete=True)
+    log(tuning_table(searches))
     log(f"tuned values written to {path}; use them with: deepclean run --hp-file {path}")
     return {"tuned": tuned, "searches": searches, "path": str(path)}
 

@@ -8,7 +8,9 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "NOOP_POINTS",
     "auto_gamma_note",
+    "behaviour_notes",
     "get_field",
     "mean_ci",
     "memorisation_note",
@@ -100,3 +102,48 @@ def auto_gamma_note(records: Iterable[dict[str, Any]]) -> str:
              and isinstance(r.get("share_reset"), (int, float))]
     return ("Gamma chosen on held-out data (gamma='auto'): " + "; ".join(parts) + ".") if parts \
         else ""
+
+
+#: A method whose mean Acc_Df, Acc_Dr and Acc_test all lie within this many points of the
+#: original model's, and whose MIA within twice as many, left the model as it was (a no-op).
+NOOP_POINTS = 0.5
+
+
+def behaviour_notes(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Findings that a table row alone hides, one sentence per method of one (data set, model,
+    scenario) group: a **no-op** (mean Acc_Df, Acc_Dr and Acc_test within :data:`NOOP_POINTS`
+    points of the original's, MIA within twice that: the method left the model as it was) or a
+    **collapse** (mean Acc_Dr below half of the gold model's: the model was destroyed). Means
+    over the seeds present for both; an empty list when nothing is found or references are
+    missing."""
+    records = [r for r in records if isinstance(r.get("metrics"), dict)
+               and r.get("status") not in ("failed", "damaged")]
+
+    def means(method: str) -> dict[str, float] | None:
+        rs = [r["metrics"] for r in records if r.get("method") == method]
+        keys = ("acc_forget", "acc_retain", "acc_test", "mia")
+        if not rs or not all(isinstance(m.get(k), (int, float)) for m in rs for k in keys):
+            return None
+        return {k: sum(m[k] for m in rs) / len(rs) for k in keys}
+
+    original, gold = means("original"), means("gold")
+    out = []
+    for method in dict.fromkeys(r["method"] for r in records):
+        if method in ("original", "gold"):
+            continue
+        m = means(method)
+        if m is None:
+            continue
+        if gold is not None and m["acc_retain"] < 0.5 * gold["acc_retain"]:
+            out.append(f"{method}: collapsed: Acc_Dr {m['acc_retain']:.1f} % is under half of the "
+                       f"gold model's {gold['acc_retain']:.1f} %; its forgetting numbers mean "
+                       "nothing.")
+        elif original is not None and all(
+                abs(m[k] - original[k]) <= NOOP_POINTS
+                for k in ("acc_forget", "acc_retain", "acc_test")) and \
+                abs(m["mia"] - original["mia"]) <= 2 * NOOP_POINTS:
+            out.append(f"{method}: no-op: Acc_Df {m['acc_forget']:.2f}, Acc_Dr "
+                       f"{m['acc_retain']:.2f}, Acc_test {m['acc_test']:.2f} and MIA "
+                       f"{m['mia']:.2f} are those of the original model (within "
+                       f"{NOOP_POINTS} points); it did not unlearn, whatever its gap to gold.")
+    return out

@@ -19,6 +19,7 @@ from deepclean.checkpoint import atomic_write_text
 from deepclean.report.catalogue import columns
 from deepclean.report.common import (
     auto_gamma_note,
+    behaviour_notes,
     get_field,
     mean_ci,
     memorisation_note,
@@ -113,6 +114,10 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
         parts.append(f"<p class='note'>{e(once)}</p>")
     if memorisation_note(recs):
         parts.append(f"<p class='note'>{e(memorisation_note(recs))}</p>")
+    findings = behaviour_notes(recs)
+    if findings:
+        parts.append("<h3>Findings</h3><ul>" + "".join(f"<li>{e(f)}</li>" for f in findings)
+                     + "</ul>")
     if auto_gamma_note(recs):
         parts.append(f"<p class='note'>{e(auto_gamma_note(recs))}</p>")
     verdicts = verdict_lines(recs)

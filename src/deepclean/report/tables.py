@@ -30,6 +30,7 @@ from deepclean.errors import CheckpointError
 from deepclean.report.catalogue import columns
 from deepclean.report.common import (
     auto_gamma_note,
+    behaviour_notes,
     mean_ci,
     memorisation_note,
     precompute_note,
@@ -283,6 +284,9 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
                                         r.get("scenario")) == (dataset, model, scenario)]
         if memorisation_note(group):
             lines.append(memorisation_note(group))
+        findings = behaviour_notes(group)
+        if findings:
+            lines += ["", "Findings:", *(f"- {f}" for f in findings), ""]
         if auto_gamma_note(group):
             lines.append(auto_gamma_note(group))
         verdicts = verdict_lines(group)

@@ -327,7 +327,7 @@ class DeepClean(Unlearner):
                               share_reset=final / total, refreshes=refreshes)
             return out
         return masked_finetune(
-            model, mask, retain, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+            model, mask, retain, None, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator(), device=device, bn_stats=self.bn_stats,
             desc=f"{self.name} fine-tune", progress=self.progress, **self._loader_options(),
         )

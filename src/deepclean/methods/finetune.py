@@ -71,7 +71,7 @@ class FineTune(Unlearner):
 
     def _unlearn_data(self, model, forget, retain, device):
         return masked_finetune(
-            model, None, retain, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+            model, None, retain, None, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator(), device=device, desc="finetune", progress=self.progress,
             num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

@@ -3,6 +3,7 @@
     deepclean forget --model SPEC --weights FILE --data SPEC (--forget FILE | --forget-class NAME)
                      [--holdout SPEC] [--method deepclean] [--gamma auto|FLOAT] [--hp NAME=VALUE]
                      [--out DIR] [--device auto|cpu|cuda|mps] [--seed N] [--no-store-indices]
+                     [--num-workers N]
     deepclean verify --model SPEC --weights ORIGINAL --unlearned FILE --data SPEC
                      (--forget FILE | --forget-class NAME) --holdout SPEC [--out DIR]
 

@@ -291,3 +291,28 @@ def test_masked_finetune_rejects_mixed_arguments(bn_model, tiny_data):
         masked_finetune(bn_model, None, xr, None, **kw)
     with pytest.raises(ConfigurationError, match="num_workers"):
         masked_finetune(bn_model, None, xr, yr, num_workers=-2, **kw)
+
+
+def test_num_workers_reaches_the_streaming_methods_and_no_key():
+    import torch as _torch
+
+    from deepclean.cli import _config_from_args, build_parser
+    from deepclean.harness.config import _method_kwargs
+    from deepclean.harness.resume import IGNORED_CONFIG_FIELDS
+
+    args = build_parser().parse_args(["run", "--num-workers", "3", "--methods",
+                                      "deepclean,finetune,neggrad"])
+    cfg = _config_from_args(args)
+    assert cfg.num_workers == 3
+    assert _config_from_args(build_parser().parse_args(["run"])).num_workers == 0
+    assert "num_workers" in IGNORED_CONFIG_FIELDS
+    for name, takes in (("deepclean", True), ("finetune", True), ("neggrad", False)):
+        kwargs = _method_kwargs(cfg, name, "random", 0, _torch.device("cpu"), "resnet18", None)
+        assert (kwargs.get("num_workers") == 3) is takes, name
+        method = make_method(name, **kwargs)
+        if takes:
+            assert method.num_workers == 3
+        assert "num_workers" not in method.hyperparameters()
+    bad = build_parser().parse_args(["run", "--num-workers", "-1"])
+    with pytest.raises(ConfigurationError, match="num_workers must be an integer >= 0"):
+        _config_from_args(bad).validate()

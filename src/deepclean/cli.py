@@ -224,6 +224,10 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
                      help="compute the original model's Fisher on the whole training set once "
                      "(cached); DeepClean then runs the Fisher pass over D_f only (I_Dr follows "
                      "exactly) and its one-off time is reported apart")
+    run.add_argument("--num-workers", type=int, metavar="N",
+                     help="DataLoader worker processes of methods that stream their data "
+                     "(DeepClean, Zero Weights, Fine-tune) for data sets not in memory; does not "
+                     "change results; default 0")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-store-indices", action="store_true",
@@ -281,6 +285,7 @@ def _config_from_args(args: argparse.Namespace):
         "gamma_class": args.gamma_class if args.gamma is None else args.gamma,
         "unlearn_epochs": args.unlearn_epochs,
         "unlearn_lr": args.unlearn_lr,
+        "num_workers": args.num_workers,
         "out_dir": args.out,
         "cache_dir": args.cache_dir,
         "device": args.device,

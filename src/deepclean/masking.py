@@ -16,6 +16,11 @@ its running statistics are re-estimated on D_r, which the reset makes necessary 
 change every later activation's distribution); with ``bn_stats="freeze"`` BatchNorm runs in eval
 mode and its buffers stay bitwise unchanged.
 
+Data: tensors ``(x, y)``, or a ``Dataset``. Data in memory (a ``TensorDataset`` or a ``Subset`` of
+one) is sliced directly; any other ``Dataset`` is read through a ``DataLoader`` in every epoch
+(:class:`deepclean.data.datasets.ShuffledBatches`), one batch in memory at a time, in the same
+shuffled order as the in-memory path draws from the same generator.
+
 Under ``torch.distributed`` (several processes, e.g. launched with ``torchrun``) the fine-tune
 runs as DistributedDataParallel: each step's batch is split over the ranks (see
 :func:`masked_finetune`), DDP averages the gradients, and every rank ends with the same weights.
@@ -30,8 +35,15 @@ import struct
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from deepclean.data.datasets import iterate_batches
+from deepclean.data.datasets import (
+    ShuffledBatches,
+    as_tensors,
+    check_loader_options,
+    in_memory,
+    iterate_batches,
+)
 from deepclean.distributed import (
     all_gather_ints,
     all_reduce_sum_,
@@ -42,9 +54,10 @@ from deepclean.distributed import (
     use_distributed,
     world_size,
 )
-from deepclean.errors import ConfigurationError
+from deepclean.errors import ConfigurationError, DataError
 from deepclean.progress import progress_bar
 from deepclean.selection import check_mask
+from deepclean.validation import check_inputs, check_labels_fit
 
 __all__ = ["masked_finetune", "BN_STATS"]
 
@@ -62,8 +75,8 @@ _NO_BUFFER_SYNC = (
 def masked_finetune(
     model: nn.Module,
     mask: dict[str, torch.Tensor] | None,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: torch.Tensor | Dataset,
+    y: torch.Tensor | None = None,
     *,
     epochs: int,
     lr: float,
@@ -74,6 +87,9 @@ def masked_finetune(
     desc: str = "fine-tune",
     progress: bool = True,
     distributed: bool | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
 ) -> nn.Module:
     """Fine-tune ``model`` in place on ``(x, y)``: Adam, cosine annealing, cross-entropy.
 
@@ -81,7 +97,12 @@ def masked_finetune(
         model: the network (already reset where needed).
         mask: ``{name: bool tensor}`` over ``named_parameters()``; True entries are trained, the
             rest stay bitwise equal. ``None`` trains every weight (plain fine-tune).
-        x: inputs ``(N, ...)``; y: int64 labels ``(N,)``.
+        x: inputs ``(N, ...)``; y: int64 labels ``(N,)``. Or ``x`` a ``Dataset`` of ``(x, y)``
+            pairs and ``y=None``: one in memory is sliced as tensors; any other is read through
+            a ``DataLoader`` afresh in every epoch (each epoch's order drawn from ``generator``
+            as for tensors; a data set with ``set_epoch`` is told the epoch first), so memory
+            holds one batch at a time and per-sample transforms run again each epoch; every
+            batch is checked (finite inputs, labels in range) as it arrives.
         epochs: passes over the data; 0 returns the model unchanged.
         lr: initial Adam learning rate, annealed to 0 by a cosine over all steps.
         batch_size: samples per step.
@@ -91,7 +112,14 @@ def masked_finetune(
         distributed: run as DistributedDataParallel over the ranks of the initialised
             ``torch.distributed`` process group. ``None`` (default): when one is initialised with
             more than one rank; ``True``: always (requires an initialised group); ``False``:
-            never, every rank fine-tunes alone on all of ``(x, y)``.
+            never, every rank fine-tunes alone on all of ``(x, y)``. A data set read through a
+            ``DataLoader`` is not split over ranks: pass it as tensors or ``distributed=False``.
+        num_workers: ``DataLoader`` worker processes for a data set that is not in memory
+            (0: read in the main process). The result does not depend on it when the data
+            set's randomness is a function of index and epoch
+            (:class:`deepclean.data.datasets.ShuffledBatches`).
+        pin_memory: page-locked batches before the copy to a CUDA device (ignored elsewhere).
+        persistent_workers: keep the ``DataLoader`` workers alive between epochs.
 
     Under a process group every rank passes the same model, mask, ``(x, y)``, hyperparameters and
     a generator in the same state (checked before any work: otherwise ``ConfigurationError`` on
@@ -112,13 +140,49 @@ def masked_finetune(
 
     Raises:
         MaskError: the mask's keys or shapes do not match the model's parameters.
+        DataError: a data set that is empty or whose items are not ``(x, y)`` pairs with
+            finite inputs and integer labels the model can output.
         ConfigurationError: ``bn_stats`` is not one of :data:`BN_STATS`, or ``epochs < 0``;
+            tensors without labels or a data set with labels; invalid loader options;
             ``distributed`` is not a bool or None, or True without a process group; under a
             process group, ranks whose data, hyperparameters, masks or generators differ.
     """
     sharded = use_distributed(distributed)
     error = None
+    data: Dataset | None = None
+    n = 0
     try:
+        check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
+                             persistent_workers=persistent_workers)
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor):
+                raise ConfigurationError(
+                    f"inputs x arrived as a tensor but labels y as {type(y).__name__}; pass "
+                    "both as tensors, or one Dataset of (x, y) pairs with y=None")
+        elif y is not None:
+            raise ConfigurationError(
+                f"x is a {type(x).__name__}, not a tensor, and labels y were given too; pass "
+                "tensors (x, y), or one Dataset of (x, y) pairs with y=None")
+        elif in_memory(x):
+            x, y = as_tensors(x)
+        else:
+            data = x
+            if sharded:
+                raise ConfigurationError(
+                    f"under torch.distributed the fine-tune splits tensors over the ranks, but "
+                    f"a {type(data).__name__} read through a DataLoader arrived; pass tensors "
+                    "(or a TensorDataset), or distributed=False")
+        if data is None:
+            n = int(x.shape[0])
+        else:
+            try:
+                n = len(data)  # type: ignore[arg-type]
+            except TypeError as exc:
+                raise DataError(
+                    f"expected a sized torch Dataset of (x, y) pairs, got {type(data).__name__}; "
+                    "wrap tensors as torch.utils.data.TensorDataset(x, y)") from exc
+            if n == 0:
+                raise DataError("the fine-tune's data set is empty; expected at least one sample")
         if bn_stats not in BN_STATS:
             raise ConfigurationError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
         if epochs < 0:
@@ -133,7 +197,7 @@ def masked_finetune(
             raise
         error = exc  # every rank must learn of it before the first collective of the others
     if sharded:
-        _check_same_on_every_rank(error, mask, x, epochs, batch_size, lr, generator)
+        _check_same_on_every_rank(error, mask, n, epochs, batch_size, lr, generator)
     if epochs == 0:
         return model.eval()
     trainable: dict[str, nn.Parameter] = {}
@@ -158,7 +222,7 @@ def masked_finetune(
         for p in frozen:
             p.requires_grad_(False)
         opt = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0)
-        steps = epochs * math.ceil(x.shape[0] / batch_size)
+        steps = epochs * math.ceil(n / batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         model.train()
         if bn_stats == "freeze":
@@ -172,15 +236,24 @@ def masked_finetune(
                 ids = [device.index if device.index is not None else torch.cuda.current_device()]
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
             batches = _rank_batches
+        elif data is not None:
+            loader = ShuffledBatches(data, batch_size=batch_size, generator=generator,
+                                     num_workers=num_workers,
+                                     pin_memory=pin_memory and device.type == "cuda",
+                                     persistent_workers=persistent_workers)
+            batches = _loader_batches(loader)
         else:
             batches = _batches
         bar = progress_bar(total=steps, desc=desc, enabled=progress and is_main_process())
         for _ in range(epochs):
-            for xb, yb, loss_scale in batches(x, y, batch_size, generator, device):
+            for xb, yb, loss_scale, y_cpu in batches(x, y, batch_size, generator, device):
+                logits = net(xb)
+                if y_cpu is not None:
+                    check_labels_fit(y_cpu, logits.shape[1], "fine-tune data")
                 if loss_scale is None:
-                    loss = nn.functional.cross_entropy(net(xb), yb)
+                    loss = nn.functional.cross_entropy(logits, yb)
                 else:
-                    loss = nn.functional.cross_entropy(net(xb), yb, reduction="sum") * loss_scale
+                    loss = nn.functional.cross_entropy(logits, yb, reduction="sum") * loss_scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if partial:
@@ -214,7 +287,19 @@ def _batches(x, y, batch_size, generator, device):
     for _, xb, yb in iterate_batches(
         x, y, batch_size=batch_size, shuffle=True, generator=generator, device=device
     ):
-        yield xb, yb, None
+        yield xb, yb, None, None
+
+
+def _loader_batches(loader: ShuffledBatches):
+    """A data set read through a ``DataLoader``: each batch checked on the CPU as it arrives
+    (the in-memory path's inputs were checked as a whole before), then moved to the device."""
+
+    def batches(x, y, batch_size, generator, device):
+        for xb, yb in loader.epoch():
+            check_inputs(xb, yb, "fine-tune data")
+            yield (xb.to(device, non_blocking=True), yb.to(device, non_blocking=True), None, yb)
+
+    return batches
 
 
 def _rank_batches(x, y, batch_size, generator, device):
@@ -229,10 +314,10 @@ def _rank_batches(x, y, batch_size, generator, device):
         part = index[own.start:own.stop]
         xb = x[part].to(device, non_blocking=True)
         yb = y[part].to(device, non_blocking=True)
-        yield xb, yb, world / index.numel()
+        yield xb, yb, world / index.numel(), None
 
 
-def _check_same_on_every_rank(error, mask, x, epochs, batch_size, lr, generator) -> None:
+def _check_same_on_every_rank(error, mask, n, epochs, batch_size, lr, generator) -> None:
     """A collective: raise on every rank if any rank failed its checks, or if the ranks'
     inputs differ (they would silently train on different samples or hang in DDP)."""
     try:
@@ -241,7 +326,7 @@ def _check_same_on_every_rank(error, mask, x, epochs, batch_size, lr, generator)
             int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:7], "little")
         selected = -1 if mask is None else sum(int(m.sum()) for m in mask.values())
         lr_bits = int.from_bytes(struct.pack("<d", float(lr)), "little") >> 8
-        values = [int(x.shape[0]), int(epochs), int(batch_size), lr_bits, selected, rng]
+        values = [int(n), int(epochs), int(batch_size), lr_bits, selected, rng]
     except Exception as exc:  # unusable arguments: a failure like any other
         error = error or exc
         values = [-1] * 6

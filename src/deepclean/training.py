@@ -12,9 +12,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from deepclean.data.datasets import iterate_batches, random_crop_flip
-from deepclean.errors import ConfigurationError
+from deepclean.data.datasets import (
+    ShuffledBatches,
+    as_tensors,
+    check_loader_options,
+    in_memory,
+    iterate_batches,
+    random_crop_flip,
+)
+from deepclean.errors import ConfigurationError, DataError
 from deepclean.precision import autocast, check_precision, to_input_format, to_memory_format
 from deepclean.progress import progress_bar
 
@@ -111,9 +119,9 @@ def synchronize(device: torch.device) -> None:
 
 def train_model(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: TrainConfig,
+    x: torch.Tensor | Dataset,
+    y: torch.Tensor | TrainConfig | None = None,
+    config: TrainConfig | None = None,
     *,
     seed: int,
     device: torch.device | str = "cpu",
@@ -121,13 +129,25 @@ def train_model(
     progress: bool = True,
     precision: str = "fp32",
     channels_last: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
 ) -> nn.Module:
     """Train ``model`` in place on ``(x, y)`` with cross-entropy and SGD; return it in eval mode.
 
+    ``train_model(model, x, y, config, seed=...)`` trains on tensors;
+    ``train_model(model, dataset, config=config, seed=...)`` (or ``(model, dataset, config)``)
+    on a ``Dataset`` of ``(x, y)`` pairs. A data set in memory (a ``TensorDataset`` or a
+    ``Subset`` of one) is sliced as tensors; any other is read through a ``DataLoader`` afresh in
+    every epoch (:class:`deepclean.data.datasets.ShuffledBatches`: each epoch's order is the
+    permutation the tensor path draws from the same generator, a data set with ``set_epoch`` is
+    told the epoch first, one batch in memory at a time), so the same samples give the same
+    model either way.
+
     Args:
         model: the network, any mode; it is moved to ``device``.
-        x: inputs ``(N, C, H, W)``.
-        y: int64 labels ``(N,)``.
+        x: inputs ``(N, C, H, W)``, or a ``Dataset`` of ``(x, y)`` pairs (then ``y`` is None).
+        y: int64 labels ``(N,)`` for tensor inputs.
         config: the recipe.
         seed: seeds the shuffling and augmentation generator (the model's initial weights are the
             caller's business).
@@ -138,22 +158,64 @@ def train_model(
             weights, gradients and SGD state stay float32), see :mod:`deepclean.precision`.
         channels_last: convert the model's 4-D weights and each input batch to
             ``torch.channels_last`` (the model stays in that format afterwards).
+        num_workers: ``DataLoader`` worker processes for a data set not in memory (0: read in
+            the main process). The result does not depend on it when the data set's randomness
+            is a function of index and epoch.
+        pin_memory: page-locked batches before the copy to a CUDA device (ignored elsewhere).
+        persistent_workers: keep the ``DataLoader`` workers alive between epochs.
 
     Raises:
         ConfigurationError: ``precision`` is not ``"fp32"`` or ``"bf16"``, or ``channels_last`` is
-            not a bool.
+            not a bool; no recipe; tensors without labels or a data set with labels; invalid
+            loader options.
+        DataError: a data set that is empty or whose items are not ``(x, y)`` pairs with integer
+            labels.
     """
+    if isinstance(y, TrainConfig) and config is None:
+        y, config = None, y
+    if not isinstance(config, TrainConfig):
+        raise ConfigurationError(
+            f"config must be a TrainConfig, got {type(config).__name__}; e.g. "
+            "train_model(model, x, y, TrainConfig(epochs=12), seed=0)")
+    check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+    loader = None
+    if isinstance(x, torch.Tensor):
+        if not isinstance(y, torch.Tensor):
+            raise ConfigurationError(
+                f"inputs x arrived as a tensor but labels y as {type(y).__name__}; pass both as "
+                "tensors, or one Dataset of (x, y) pairs with y=None")
+        n = int(x.shape[0])
+    elif y is not None:
+        raise ConfigurationError(
+            f"x is a {type(x).__name__}, not a tensor, and labels y were given too; pass tensors "
+            "(x, y), or one Dataset of (x, y) pairs with y=None")
+    elif in_memory(x):
+        x, y = as_tensors(x)
+        n = int(x.shape[0])
+    else:
+        try:
+            n = len(x)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise DataError(
+                f"expected a sized torch Dataset of (x, y) pairs, got {type(x).__name__}; wrap "
+                "tensors as torch.utils.data.TensorDataset(x, y)") from exc
     device = torch.device(device)
     check_precision(precision, device)
     to_memory_format(model.to(device), channels_last).train()
     generator = torch.Generator().manual_seed(seed)
+    if not isinstance(x, torch.Tensor):
+        loader = ShuffledBatches(x, batch_size=config.batch_size, generator=generator,
+                                 num_workers=num_workers,
+                                 pin_memory=pin_memory and device.type == "cuda",
+                                 persistent_workers=persistent_workers)
     opt = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
-    steps_per_epoch = math.ceil(x.shape[0] / config.batch_size)
+    steps_per_epoch = math.ceil(n / config.batch_size)
     if config.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.epochs * steps_per_epoch)
     else:
@@ -162,9 +224,14 @@ def train_model(
         )
     bar = progress_bar(total=config.epochs * steps_per_epoch, desc=desc, enabled=progress)
     for _ in range(config.epochs):
-        for _, xb, yb in iterate_batches(
-            x, y, batch_size=config.batch_size, shuffle=True, generator=generator, device=device
-        ):
+        if loader is None:
+            batches = ((xb, yb) for _, xb, yb in iterate_batches(
+                x, y, batch_size=config.batch_size, shuffle=True, generator=generator,
+                device=device))
+        else:
+            batches = ((xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+                       for xb, yb in loader.epoch())
+        for xb, yb in batches:
             if config.crop_padding or config.flip:
                 xb = random_crop_flip(
                     xb, padding=config.crop_padding, flip=config.flip, generator=generator

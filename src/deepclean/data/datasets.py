@@ -17,6 +17,7 @@ Where the files come from:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Sampler, Subset, TensorDataset
 
-from deepclean.errors import DataError, DataNotFoundError
+from deepclean.errors import ConfigurationError, DataError, DataNotFoundError
 
 __all__ = [
     "ImageData",
@@ -38,6 +39,8 @@ __all__ = [
     "random_crop_flip",
     "in_memory",
     "stream_batches",
+    "ShuffledBatches",
+    "check_loader_options",
     "DEBIAN_FASHION_MNIST",
 ]
 
@@ -398,6 +401,149 @@ def stream_batches(
             f"could not read (x, y) pairs from the {type(dataset).__name__} given ({exc}); "
             "expected a torch Dataset whose items are (x, y) pairs of equal shapes"
         ) from exc
+
+
+def check_loader_options(*, num_workers: int, pin_memory: bool, persistent_workers: bool) -> None:
+    """Raise unless the ``DataLoader`` options are usable: ``num_workers`` an int >= 0,
+    ``pin_memory`` and ``persistent_workers`` bools.
+
+    Raises:
+        ConfigurationError: the option, the value that arrived and an example of a valid one.
+    """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigurationError(
+            f"num_workers must be an integer >= 0 (DataLoader worker processes; 0 reads in the "
+            f"main process), got {num_workers!r}; e.g. num_workers=2"
+        )
+    for key, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{key} must be True or False, got {value!r}")
+
+
+def _check_dataset(dataset: Dataset) -> int:
+    if isinstance(dataset, (dict, tuple, str, bytes, torch.Tensor)) \
+            or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise DataError(
+            f"expected a torch Dataset of (x, y) pairs, got {type(dataset).__name__}; wrap "
+            "tensors as torch.utils.data.TensorDataset(x, y)"
+        )
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError("the data set is empty; expected at least one (x, y) sample")
+    return n
+
+
+class _PermutationBatches(Sampler):
+    """Batches of indices in the order set for the current epoch (``order``)."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.order: torch.Tensor | None = None
+
+    def __iter__(self):
+        if self.order is None:
+            raise RuntimeError("no epoch order set")
+        for start in range(0, self.n, self.batch_size):
+            yield self.order[start:start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+
+class ShuffledBatches:
+    """Shuffled ``(x, y)`` batches of any map-style data set, read through a ``DataLoader``
+    afresh every epoch (one batch in memory at a time; every sample is read, and transformed by
+    the data set, again in each epoch).
+
+    The order of each epoch is ``torch.randperm(len(dataset), generator=generator)``, cut into
+    consecutive batches of ``batch_size``: exactly the batches :func:`iterate_batches` draws from
+    the same generator on the same data in memory, so a data set that returns the same samples
+    gives the same batches, value for value.
+
+    Worker processes (``num_workers > 0``) take their seeds from a generator derived from the
+    state ``generator`` has when the loader is built (torch's default worker seeding: ``torch``,
+    ``random`` and NumPy in each worker), so a run is reproducible for a given seed. The result
+    does not depend on ``num_workers`` when the data set's randomness (if any) is a function of
+    the sample's index and the epoch; a data set that draws from the global random generator in
+    ``__getitem__`` gets different draws with a different number of workers.
+
+    A data set with a ``set_epoch(epoch)`` method is told each epoch's number (0, 1, ...) before
+    that epoch is read, e.g. to seed per-sample augmentation from index and epoch. Persistent
+    workers keep the copy of the data set they started with and would not see that call, so
+    ``persistent_workers=True`` with such a data set is refused.
+
+    Args:
+        dataset: map-style ``Dataset`` of ``(x, y)`` pairs with integer labels.
+        batch_size: samples per batch (the last batch may be smaller).
+        generator: source of each epoch's permutation.
+        num_workers: ``DataLoader`` worker processes (0: read in the main process).
+        pin_memory: page-locked batches for faster copies to a CUDA device.
+        persistent_workers: keep the workers alive between epochs (with ``num_workers > 0``).
+
+    Raises:
+        DataError: not a data set, or an empty one; while reading, an item that is not an
+            ``(x, y)`` pair or labels that are not integer class indices.
+        ConfigurationError: invalid loader options, or ``persistent_workers`` with a data set
+            that has ``set_epoch``.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, generator: torch.Generator,
+                 num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False) -> None:
+        self.n = _check_dataset(dataset)
+        check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
+                             persistent_workers=persistent_workers)
+        if not isinstance(generator, torch.Generator):
+            raise ConfigurationError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}; e.g. "
+                "torch.Generator().manual_seed(0)")
+        self.set_epoch = getattr(dataset, "set_epoch", None)
+        persistent = persistent_workers and num_workers > 0
+        if persistent and callable(self.set_epoch):
+            raise ConfigurationError(
+                f"persistent_workers=True with a data set that has set_epoch "
+                f"({type(dataset).__name__}): persistent workers keep the data set they started "
+                "with and would not see the new epoch. Pass persistent_workers=False"
+            )
+        self.dataset, self.generator, self.epochs_read = dataset, generator, 0
+        state = generator.get_state().numpy().tobytes()
+        import hashlib
+
+        worker_seed = int.from_bytes(hashlib.sha256(state).digest()[:7], "little")
+        self.sampler = _PermutationBatches(self.n, batch_size)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=persistent,
+            generator=torch.Generator().manual_seed(worker_seed))
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.sampler)
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The next epoch's ``(x, y)`` batches (labels int64), drawn and read now."""
+        self.sampler.order = torch.randperm(self.n, generator=self.generator)
+        if callable(self.set_epoch):
+            self.set_epoch(self.epochs_read)
+        self.epochs_read += 1
+        try:
+            for item in self.loader:
+                if not isinstance(item, (list, tuple)) or len(item) != 2:
+                    raise DataError(
+                        f"expected each sample to be an (x, y) pair, got {type(item).__name__}"
+                    )
+                x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+                if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+                    raise DataError(
+                        f"expected integer class labels of shape (B,), got {tuple(y.shape)} "
+                        f"{y.dtype}; labels must be class indices, not one-hot vectors"
+                    )
+                yield x, y.long()
+        except (KeyError, IndexError, TypeError, RuntimeError) as exc:
+            raise DataError(
+                f"could not read (x, y) pairs from the {type(self.dataset).__name__} given "
+                f"({exc}); expected a torch Dataset whose items are (x, y) pairs of equal shapes"
+            ) from exc
 
 
 def random_crop_flip(

@@ -350,6 +350,7 @@ def forget(
     device: torch.device | str | None = None,
     progress: bool = False,
     batch_size: int = 512,
+    num_workers: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Unlearn the samples ``forget_ids`` of ``data`` from ``model`` and verify the result.
 
@@ -371,6 +372,8 @@ def forget(
             when there is one).
         progress: show the method's progress bars.
         batch_size: inference batch size of the verification.
+        num_workers: ``DataLoader`` worker processes for methods that stream their data (those
+            with a ``num_workers`` argument); an execution option that does not change results.
 
     Returns:
         ``(unlearned_model, record)``: a new model in eval mode, and the :func:`verify` record
@@ -399,7 +402,7 @@ def forget(
     forget_set = Subset(base, idx)
     retain_set = Subset(base, [i for i in range(len(y)) if i not in idx_set])
     hp = dict(hyperparameters or {})
-    for reserved in ("seed", "device", "progress", "holdout"):
+    for reserved in ("seed", "device", "progress", "holdout", "num_workers"):
         if reserved in hp:
             raise ConfigurationError(f"{reserved!r} is an argument of forget(), not a "
                                      "hyperparameter; pass it directly")
@@ -424,6 +427,8 @@ def forget(
     extra: dict[str, Any] = {"seed": seed, "progress": progress}
     if device is not None:
         extra["device"] = device
+    if "num_workers" in accepted:
+        extra["num_workers"] = num_workers
     if "holdout" in accepted and hp.get("gamma") == "auto":
         extra["holdout"] = holdout_ds
     unlearner = make_method(method, **hp, **extra)

@@ -3,6 +3,7 @@
     deepclean forget --model SPEC --weights FILE --data SPEC (--forget FILE | --forget-class NAME)
                      [--holdout SPEC] [--method deepclean] [--gamma auto|FLOAT] [--hp NAME=VALUE]
                      [--out DIR] [--device auto|cpu|cuda|mps] [--seed N] [--no-store-indices]
+                     [--num-workers N]
     deepclean verify --model SPEC --weights ORIGINAL --unlearned FILE --data SPEC
                      (--forget FILE | --forget-class NAME) --holdout SPEC [--out DIR]
 
@@ -143,6 +144,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--no-store-indices", action="store_true",
                    help="record only hashes of what was forgotten, not the indices or paths")
     f.add_argument("--progress", action="store_true", help="show the method's progress bars")
+    f.add_argument("--num-workers", type=int, default=0, metavar="N",
+                   help="DataLoader worker processes of methods that stream their data; does not "
+                   "change results; default 0")
 
     v = sub.add_parser(
         "verify", help="check that an unlearned model treats the forgotten data like unseen data",
@@ -439,7 +443,8 @@ def _cmd_forget(args: argparse.Namespace) -> int:
           f"device {device}", file=sys.stderr)
     unlearned, record = forget(model, data, ids, holdout=holdout, method=args.method,
                                hyperparameters=hp, seed=args.seed, device=device,
-                               progress=args.progress, batch_size=args.batch_size)
+                               progress=args.progress, batch_size=args.batch_size,
+                               num_workers=args.num_workers)
     staging = _Staging(out)
     try:
         target = staging.path / "unlearned.safetensors"

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepclean.checkpoint import load_checkpoint, save_tensors, state_digest, strip_module_prefix
-from deepclean.data.datasets import as_tensors
+from deepclean.data.datasets import as_tensors, stream_batches
 from deepclean.errors import CheckpointError, ConfigurationError, SplitMismatchError
 from deepclean.fisher.diagonal import fisher_diagonal
 from deepclean.training import synchronize
@@ -105,6 +105,27 @@ class TrainFisher:
             ConfigurationError: the model's weights or buffers differ from those of I_D's model.
             SplitMismatchError: D_f and D_r together are not exactly the samples of D.
         """
+        self._check_model(model)
+        self._check_digests(_digest_list(xf, yf) + _digest_list(xr, yr), int(xf.shape[0]),
+                            int(xr.shape[0]))
+
+    def check_data(self, model: nn.Module, forget: Dataset, retain: Dataset, *,
+                   batch_size: int = 256, num_workers: int = 0) -> None:
+        """:meth:`check` on data sets read batch by batch through a ``DataLoader`` (only the
+        32-byte digest of each sample is kept).
+
+        Raises:
+            ConfigurationError, SplitMismatchError: as :meth:`check`.
+            DataError: a data set that cannot be read as ``(x, y)`` pairs.
+        """
+        self._check_model(model)
+        digests: list[bytes] = []
+        for ds in (forget, retain):
+            for xb, yb in stream_batches(ds, batch_size=batch_size, num_workers=num_workers):
+                digests += _digest_list(xb, yb)
+        self._check_digests(digests, len(forget), len(retain))  # type: ignore[arg-type]
+
+    def _check_model(self, model: nn.Module) -> None:
         digest = model_digest(model)
         if digest != self.model_sha256:
             raise ConfigurationError(
@@ -112,8 +133,9 @@ class TrainFisher:
                 f"{self.model_sha256[:12]}..., but the model being unlearned has "
                 f"{digest[:12]}...; compute it again for this model (precompute_train_fisher)"
             )
-        n_f, n_r = int(xf.shape[0]), int(xr.shape[0])
-        both = sorted(_digest_list(xf, yf) + _digest_list(xr, yr))
+
+    def _check_digests(self, digests: list[bytes], n_f: int, n_r: int) -> None:
+        both = sorted(digests)
         if b"".join(both) != self.digests.contiguous().numpy().tobytes():
             known = Counter(bytes(row) for row in self.digests.numpy())
             unknown = sum((Counter(both) - known).values())
@@ -159,7 +181,23 @@ class TrainFisher:
                 f"the forget-set Fisher has parameters {sorted(fisher_forget)[:3]}... but the "
                 f"training-set Fisher {sorted(self.fisher)[:3]}...; both must come from one model"
             )
-        n_f, n_r = int(xf.shape[0]), int(xr.shape[0])
+        return self.retain_fisher_from(fisher_forget, n_forget=int(xf.shape[0]),
+                                       n_retain=int(xr.shape[0]))
+
+    def retain_fisher_from(self, fisher_forget: dict[str, torch.Tensor], *, n_forget: int,
+                           n_retain: int) -> dict[str, torch.Tensor]:
+        """:meth:`retain_fisher` from the sizes of D_f and D_r, without any check of the samples
+        (call :meth:`check` or :meth:`check_data` first).
+
+        Raises:
+            ConfigurationError: the keys of ``fisher_forget`` differ from I_D's.
+        """
+        if set(fisher_forget) != set(self.fisher):
+            raise ConfigurationError(
+                f"the forget-set Fisher has parameters {sorted(fisher_forget)[:3]}... but the "
+                f"training-set Fisher {sorted(self.fisher)[:3]}...; both must come from one model"
+            )
+        n_f, n_r = int(n_forget), int(n_retain)
         out = {}
         for name, forget in fisher_forget.items():
             total = self.fisher[name].to(torch.float64) * self.n_samples

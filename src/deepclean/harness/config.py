@@ -79,6 +79,10 @@ class ExperimentConfig:
         channels_last: store every model's 4-D weights as ``torch.channels_last`` (NHWC), the
             layout GPU convolutions prefer. Part of the model cache key.
         progress: show progress bars.
+        num_workers: ``DataLoader`` worker processes of the methods that stream their data
+            (those with a ``num_workers`` argument: DeepClean, Zero Weights, Fine-tune), for data
+            sets not in memory. An execution option: it does not change results and is no part
+            of any resume or tuning key. Default 0 (``--num-workers``).
         store_indices: write the forget indices into split manifests and audit records; with
             ``False`` only their SHA-256 and count are written.
         deterministic: run under :func:`deepclean.set_deterministic` (``warn_only``), for
@@ -118,6 +122,7 @@ class ExperimentConfig:
     precision: str = "fp32"
     channels_last: bool = False
     progress: bool = True
+    num_workers: int = 0
     store_indices: bool = True
     deterministic: bool = False
     precompute_fisher: bool = False
@@ -193,6 +198,11 @@ class ExperimentConfig:
             raise ConfigurationError(f"width must be > 0, got {self.width}")
         check_precision(self.precision)
         check_channels_last(self.channels_last)
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) \
+                or self.num_workers < 0:
+            raise ConfigurationError(
+                f"num_workers must be an integer >= 0, got {self.num_workers!r} (command line: "
+                "--num-workers N; 0 reads data in the main process)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -417,7 +427,8 @@ def _method_kwargs(cfg: ExperimentConfig, name: str, scenario: str, seed: int,
             width=cfg.width, seed=s), cfg.channels_last),
         "holdout": holdout,
     }
-    wanted: dict[str, Any] = {"seed": seed, "device": device, "progress": cfg.progress}
+    wanted: dict[str, Any] = {"seed": seed, "device": device, "progress": cfg.progress,
+                              "num_workers": cfg.num_workers}
     if cls.scenario_threshold is not None:
         wanted[cls.scenario_threshold] = cfg.gamma_class if scenario == "class" \
             else cfg.gamma_random

@@ -28,11 +28,11 @@ from deepclean.errors import CheckpointError, ConfigurationError
 __all__ = ["check_out_dir", "method_key", "load_finished", "IGNORED_CONFIG_FIELDS",
            "check_cache_dir", "remove_stale_temporaries"]
 
-# Fields of the configuration that do not change any result: where files are, progress bars, and
-# the list of methods (each method's result carries its own key).
+# Fields of the configuration that do not change any result: where files are, progress bars,
+# DataLoader workers, and the list of methods (each method's result carries its own key).
 IGNORED_CONFIG_FIELDS = frozenset(
     {"out_dir", "cache_dir", "data_dir", "download", "progress", "device", "methods",
-     "store_indices"}
+     "store_indices", "num_workers"}
 )
 # Fields added to the configuration after results were first written, with their defaults: a
 # config.json without one of them was written with its default and is the same configuration.

@@ -182,7 +182,8 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                                                   model_name, ctx.data, train_fisher),
             )
             space_record = {k: p.to_dict() for k, p in space.items()}
-            key = method_key({"config": cfg.to_dict() | {"out_dir": None, "progress": None,
+            config_record = {k: v for k, v in cfg.to_dict().items() if k != "num_workers"}
+            key = method_key({"config": config_record | {"out_dir": None, "progress": None,
                                                          "methods": None},
                               "scenario": scenario, "method": name, "space": space_record,
                               "tune_seed": tune_seed, "n_trials": n_trials,

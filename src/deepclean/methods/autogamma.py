@@ -41,7 +41,12 @@ counts are recorded in ``info_`` (``search_steps``, ``full_steps``, ``step_ratio
 ``eval_samples``). ``ZeroWeights`` (no fine-tune) scores the reset models directly: 0 search
 steps.
 
-**Data.** Only D_f, D_r and the held-out set given are read. The held-out set must be samples the
+**Data.** Only D_f, D_r and the held-out set given are read. :func:`auto_gamma_data` takes D_f and
+D_r as data sets: when one is not in memory it is never read whole. Its labels are read once
+(one pass through a ``DataLoader`` that keeps only the labels), the D_f slice the candidates are
+scored on (at most ``eval_size`` samples) is read into memory by indexing the data set, and the
+short fine-tunes stream their subset of D_r (a ``Subset``, read afresh each epoch); the held-out
+set, small by design, is read whole. The held-out set must be samples the
 original never trained on and not the test half that results are reported on (GUIDE.md section 9);
 :func:`check_holdout_disjoint` refuses a held-out ``Subset`` that shares samples with D_f or D_r.
 """
@@ -58,7 +63,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from deepclean.data.datasets import as_tensors
+from deepclean.data.datasets import as_tensors, in_memory, stream_batches
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.evaluation.memorisation import memorisation
 from deepclean.evaluation.verdict import ForgettingVerdict, forgetting_verdict, matched_holdout
@@ -69,6 +74,7 @@ __all__ = [
     "DEFAULT_SHARES",
     "AutoGammaResult",
     "HeldoutScorer",
+    "auto_gamma_data",
     "auto_gamma",
     "check_holdout_disjoint",
     "choose_candidate",
@@ -295,18 +301,22 @@ class HeldoutScorer:
             class of D_f.
     """
 
-    def __init__(self, holdout: Dataset, xf: torch.Tensor, yf: torch.Tensor, yr: torch.Tensor,
-                 original: nn.Module, *, eval_size: int, seed: int,
+    def __init__(self, holdout: Dataset, xf: torch.Tensor | Dataset, yf: torch.Tensor,
+                 yr: torch.Tensor, original: nn.Module, *, eval_size: int, seed: int,
                  device: torch.device | str | None) -> None:
         xh, yh = as_tensors(holdout)
-        if xh.shape[1:] != xf.shape[1:]:
-            raise DataError(f"held-out samples have shape {tuple(xh.shape[1:])} but D_f samples "
-                            f"{tuple(xf.shape[1:])}; expected the same input shape")
         gen = torch.Generator().manual_seed(seed)
         forget_classes = set(yf.tolist())
         retain_classes = set(yr.tolist())
         self.scenario = "sample" if forget_classes & retain_classes else "class"
         fi = torch.randperm(len(yf), generator=gen)[:eval_size]
+        if isinstance(xf, torch.Tensor):
+            xfs, yfs = xf[fi], yf[fi]
+        else:  # a data set not in memory: only the slice is read
+            xfs, yfs = as_tensors(Subset(xf, fi.tolist()))
+        if xh.shape[1:] != xfs.shape[1:]:
+            raise DataError(f"held-out samples have shape {tuple(xh.shape[1:])} but D_f samples "
+                            f"{tuple(xfs.shape[1:])}; expected the same input shape")
         mi = matched_holdout(yh, yf, seed=seed)
         mi = mi[torch.randperm(len(mi), generator=gen)[:eval_size]]
         rest = torch.ones(len(yh), dtype=torch.bool)
@@ -316,7 +326,7 @@ class HeldoutScorer:
         if pool.numel() == 0:
             pool = torch.nonzero(in_retained).squeeze(1)
         ri = pool[torch.randperm(len(pool), generator=gen)[:eval_size]]
-        self.forget = TensorDataset(xf[fi], yf[fi])
+        self.forget = TensorDataset(xfs, yfs)
         self.matched = TensorDataset(xh[mi], yh[mi])
         self.retained = TensorDataset(xh[ri], yh[ri]) if ri.numel() else None
         self.original = original
@@ -364,6 +374,7 @@ def auto_gamma(
     eval_size: int = 256,
     shares: Sequence[float] = DEFAULT_SHARES,
     scorer: Callable[[nn.Module], dict[str, Any]] | None = None,
+    loader_options: dict[str, Any] | None = None,
 ) -> AutoGammaResult:
     """Choose DeepClean's gamma on held-out data (module docstring: search, cost, data).
 
@@ -371,7 +382,9 @@ def auto_gamma(
         model: the original model (its private copy inside DeepClean); never modified: every
             candidate works on a deep copy.
         fisher_forget, fisher_retain: the Fisher pair already computed.
-        xf, yf: D_f inputs ``(N_f, ...)`` and labels ``(N_f,)``; xr, yr: D_r likewise.
+        xf, yf: D_f inputs ``(N_f, ...)`` and labels ``(N_f,)``; xr, yr: D_r likewise. ``xf`` and
+            ``xr`` may instead be the data sets themselves (with their labels as ``yf``, ``yr``):
+            see :func:`auto_gamma_data`.
         holdout: held-out ``(x, y)`` samples the original never trained on.
         epochs, lr, batch_size, bn_stats: DeepClean's fine-tune settings (the short runs use the
             same lr, batch size and BatchNorm policy); ``epochs = 0`` (ZeroWeights) scores the
@@ -383,6 +396,8 @@ def auto_gamma(
         shares: the grid of target reset shares.
         scorer: replaces :class:`HeldoutScorer` (tests); ``model -> dict`` with
             ``forget_excess`` and ``utility_excess``.
+        loader_options: ``DataLoader`` options (``num_workers``, ``pin_memory``,
+            ``persistent_workers``) of the short fine-tunes when ``xr`` is a data set.
 
     Returns:
         An :class:`AutoGammaResult` whose ``extra`` holds ``scenario``, ``slices``,
@@ -402,13 +417,17 @@ def auto_gamma(
                                  f"fine-tune's steps), got {budget!r}")
     if not isinstance(eval_size, int) or isinstance(eval_size, bool) or eval_size < 1:
         raise ConfigurationError(f"auto_eval_size must be an int >= 1, got {eval_size!r}")
-    steps_per_epoch = math.ceil(xr.shape[0] / batch_size)
+    n_r = int(yr.shape[0])
+    steps_per_epoch = math.ceil(n_r / batch_size)
     full_steps = epochs * steps_per_epoch
     steps = math.floor(budget * full_steps) // max(int(max_candidates), 1)
-    sub_epochs, sub_n = _short_run(steps, xr.shape[0], batch_size)
+    sub_epochs, sub_n = _short_run(steps, n_r, batch_size)
     steps = sub_epochs * math.ceil(sub_n / batch_size) if sub_n else 0
-    sub = torch.randperm(xr.shape[0], generator=torch.Generator().manual_seed(seed + 17))[:sub_n]
-    xs, ys = xr[sub], yr[sub]
+    sub = torch.randperm(n_r, generator=torch.Generator().manual_seed(seed + 17))[:sub_n]
+    if isinstance(xr, torch.Tensor):
+        xs, ys, options = xr[sub], yr[sub], {}
+    else:  # streamed: the subset is read afresh in every epoch of each short fine-tune
+        xs, ys, options = Subset(xr, sub.tolist()), None, dict(loader_options or {})
 
     extra: dict[str, Any] = {"full_steps": full_steps, "steps_per_candidate": steps,
                              "budget": float(budget), "max_candidates": int(max_candidates)}
@@ -442,7 +461,7 @@ def auto_gamma(
         if steps:
             masked_finetune(work, mask, xs, ys, epochs=sub_epochs, lr=lr, batch_size=batch_size,
                             generator=torch.Generator().manual_seed(seed * 1_000_003 + 29),
-                            device=device, bn_stats=bn_stats, progress=False)
+                            device=device, bn_stats=bn_stats, progress=False, **options)
         work.eval()
         rec = dict(scorer(work))
         rec.update(share_reset=selected / total, n_reset=selected, steps=steps)
@@ -456,6 +475,41 @@ def auto_gamma(
                  eval_samples=getattr(scorer, "eval_samples", None))
     result.extra = extra
     return result
+
+
+def auto_gamma_data(
+    model: nn.Module,
+    fisher_forget: dict[str, torch.Tensor],
+    fisher_retain: dict[str, torch.Tensor],
+    forget: Dataset,
+    retain: Dataset,
+    *,
+    loader_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> AutoGammaResult:
+    """:func:`auto_gamma` on D_f and D_r given as data sets (keywords as there).
+
+    Both in memory (``TensorDataset`` or ``Subset`` of one): exactly :func:`auto_gamma` on their
+    tensors. Otherwise neither is read whole: their labels are read once through a
+    ``DataLoader`` (only the labels kept), the scored D_f slice (at most ``eval_size`` samples)
+    by indexing, and the short fine-tunes stream their subset of D_r with ``loader_options``.
+    """
+    if in_memory(forget) and in_memory(retain):
+        return auto_gamma(model, fisher_forget, fisher_retain, *as_tensors(forget),
+                          *as_tensors(retain), **kwargs)
+    options = dict(loader_options or {})
+    yf = _labels(forget, options.get("num_workers", 0))
+    yr = _labels(retain, options.get("num_workers", 0))
+    return auto_gamma(model, fisher_forget, fisher_retain, forget, yf, retain, yr,
+                      loader_options=options, **kwargs)
+
+
+def _labels(ds: Dataset, num_workers: int) -> torch.Tensor:
+    """The labels of a data set: sliced when in memory, else read in one streamed pass."""
+    if in_memory(ds):
+        return as_tensors(ds)[1]
+    return torch.cat([y for _, y in stream_batches(ds, batch_size=256,
+                                                   num_workers=num_workers)])
 
 
 def _short_run(steps: int, n: int, batch_size: int) -> tuple[int, int]:

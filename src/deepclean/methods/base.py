@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
-from deepclean.data.datasets import as_tensors
+from deepclean.data.datasets import as_tensors, in_memory, stream_batches
 from deepclean.errors import ConfigurationError, DataError, DivergenceError
 from deepclean.methods.space import Param, SpaceContext
 from deepclean.training import resolve_device
@@ -40,8 +40,19 @@ __all__ = [
     "make_method",
     "method_class",
     "prepare_inputs",
+    "prepare_datasets",
     "check_finite_weights",
+    "EXECUTION_OPTIONS",
 ]
+
+#: Constructor arguments that say where and how the work runs, never what it computes: not
+#: hyperparameters, so :meth:`Unlearner.hyperparameters` (and every record and resume key built
+#: from it) leaves them out. ``num_workers``, ``pin_memory`` and ``persistent_workers`` are the
+#: ``DataLoader`` options of methods that stream their data (:attr:`Unlearner.streams`).
+EXECUTION_OPTIONS = ("device", "progress", "num_workers", "pin_memory", "persistent_workers")
+
+#: Samples of a streamed D_f or D_r that :func:`prepare_datasets` reads before any work.
+FIRST_BATCH = 256
 
 _REGISTRY: dict[str, type[Unlearner]] = {}
 
@@ -51,7 +62,9 @@ class Unlearner(ABC):
 
     Subclasses set ``name``, ``summary`` (one line) and ``reference`` (paper), and implement
     :meth:`_unlearn` on in-memory tensors. The public :meth:`unlearn` validates the inputs before
-    any work, copies the model and converts the data.
+    any work, copies the model and converts the data. A method that declares ``streams = True``
+    implements :meth:`_unlearn_data` on the ``Dataset`` objects instead, which are then never
+    read into memory as a whole (:func:`prepare_datasets`).
     """
 
     name: ClassVar[str] = ""
@@ -76,6 +89,11 @@ class Unlearner(ABC):
     #: constructor arguments that are collaborators (models, functions, precomputed tensors),
     #: not hyperparameters: never recorded by :meth:`hyperparameters`.
     collaborators: ClassVar[tuple[str, ...]] = ()
+    #: whether the method reads D_f and D_r as ``Dataset`` objects batch by batch (through
+    #: ``DataLoader``s, memory bounded by the batch) instead of as tensors: :meth:`unlearn` then
+    #: validates them without reading them whole (:func:`prepare_datasets`) and calls
+    #: :meth:`_unlearn_data`. Data already in memory gives the same result either way.
+    streams: ClassVar[bool] = False
 
     def __init__(self, *, seed: int = 0, device: str | torch.device | None = None,
                  progress: bool = False) -> None:
@@ -92,8 +110,9 @@ class Unlearner(ABC):
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor's keyword arguments and their current values, JSON values only.
 
-        Collaborators (:attr:`collaborators`) are left out; a value with a ``to_dict()`` method
-        (a training recipe) is recorded as that dict.
+        Collaborators (:attr:`collaborators`) and execution options (:data:`EXECUTION_OPTIONS`:
+        device, progress bars, ``DataLoader`` workers) are left out; a value with a ``to_dict()``
+        method (a training recipe) is recorded as that dict.
 
         Raises:
             ConfigurationError: a hyperparameter holds a value that is not JSON and has no
@@ -101,7 +120,7 @@ class Unlearner(ABC):
         """
         out: dict[str, Any] = {}
         for key in inspect.signature(type(self).__init__).parameters:
-            if key in ("self", "device", "progress") or key in self.collaborators:
+            if key == "self" or key in EXECUTION_OPTIONS or key in self.collaborators:
                 continue
             value = getattr(self, key)
             if hasattr(value, "to_dict"):
@@ -134,16 +153,28 @@ class Unlearner(ABC):
                 without an optimizer) and the first tensor affected.
             DataError: before any work, when D_f or D_r is empty, they share samples, their inputs
                 are not finite floats or do not fit the model, or labels are not integers in
-                ``[0, K)`` for a model with K outputs (see :func:`prepare_inputs`).
+                ``[0, K)`` for a model with K outputs (see :func:`prepare_inputs`). For a method
+                that streams (:attr:`streams`) a data set not in memory is checked on its first
+                batch before any work (:func:`prepare_datasets`) and every later batch as it is
+                read.
         """
-        work, xf, yf, xr, yr, device = prepare_inputs(model, forget, retain, self.device)
+        if self.streams:
+            work, forget, retain, device = prepare_datasets(model, forget, retain, self.device)
+
+            def run() -> nn.Module:
+                return self._unlearn_data(work, forget, retain, device)
+        else:
+            work, xf, yf, xr, yr, device = prepare_inputs(model, forget, retain, self.device)
+
+            def run() -> nn.Module:
+                return self._unlearn(work, xf, yf, xr, yr, device)
         self.info_ = {}
         # Anything that draws from torch's global generator (dropout in a user's model) draws from
         # a private copy seeded from ``seed``: reproducible, and the caller's state is untouched.
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), _divergence_watch(self.name):
             torch.manual_seed(self.seed * 1_000_003 + 999_983)
-            out = self._unlearn(work, xf, yf, xr, yr, device)
+            out = run()
         check_finite_weights(out, f"{self.name} after unlearning")
         return out.eval()
 
@@ -158,6 +189,14 @@ class Unlearner(ABC):
         device: torch.device,
     ) -> nn.Module:
         """Unlearn on a private copy ``model`` (may be modified in place) and return the result."""
+
+    def _unlearn_data(self, model: nn.Module, forget: Dataset, retain: Dataset,
+                      device: torch.device) -> nn.Module:
+        """What a method with ``streams = True`` implements: unlearn on a private copy ``model``
+        from the validated data sets (a ``TensorDataset`` each where the data were in memory)."""
+        raise ConfigurationError(
+            f"{type(self).__name__} declares streams = True but does not implement _unlearn_data; "
+            "implement it, or set streams = False to receive tensors in _unlearn")
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from ``seed`` (plus ``offset`` for independent streams)."""
@@ -293,6 +332,93 @@ def prepare_inputs(
     check_labels_fit(yf, outputs, "forget set D_f")
     check_labels_fit(yr, outputs, "retain set D_r")
     return work, xf, yf, xr, yr, dev
+
+
+def prepare_datasets(
+    model: nn.Module,
+    forget: Dataset,
+    retain: Dataset,
+    device: str | torch.device | None,
+) -> tuple[nn.Module, Dataset, Dataset, torch.device]:
+    """:func:`prepare_inputs` for methods that stream (:attr:`Unlearner.streams`).
+
+    When D_f and D_r are both in memory (``TensorDataset`` or ``Subset`` of one) the checks are
+    exactly those of :func:`prepare_inputs` and the sets come back as ``TensorDataset`` s of the
+    same tensors. Otherwise nothing is read whole: the sizes, repeated and shared samples (by
+    index, :func:`deepclean.validation.check_unique` and
+    :func:`deepclean.validation.check_disjoint`) are checked, and of a set not in memory only
+    the first batch (up to :data:`FIRST_BATCH` samples) is read: finite inputs, integer labels,
+    the same input shape in both sets, one sample through the model, labels within the model's
+    outputs. The remaining batches are checked as the method reads them.
+
+    Returns:
+        ``(model copy on the device, forget, retain, device)``.
+
+    Raises:
+        ConfigurationError: not a module, or no trainable parameter.
+        DataError: as :func:`prepare_inputs`, for the samples read.
+    """
+    if in_memory(forget) and in_memory(retain):
+        work, xf, yf, xr, yr, dev = prepare_inputs(model, forget, retain, device)
+        return work, TensorDataset(xf, yf), TensorDataset(xr, yr), dev
+    check_trainable(model)
+    model = unwrap_model(model)
+    _check_sizes(forget, retain)
+    check_unique(forget, "forget set D_f")
+    check_unique(retain, "retain set D_r")
+    check_disjoint(forget, retain)
+    xf, yf = _first_batch(forget, "forget set D_f")
+    xr, yr = _first_batch(retain, "retain set D_r")
+    if xf.shape[1:] != xr.shape[1:]:
+        raise DataError(
+            f"D_f samples have shape {tuple(xf.shape[1:])} but D_r samples "
+            f"{tuple(xr.shape[1:])}; expected the same input shape"
+        )
+    work, dev = _private_copy(model, device)
+    outputs = check_forward(work, xf, "forget set D_f")
+    check_labels_fit(yf, outputs, "forget set D_f")
+    check_labels_fit(yr, outputs, "retain set D_r")
+    return work, forget, retain, dev
+
+
+def _check_sizes(forget: Dataset, retain: Dataset) -> None:
+    for label, ds in (("forget set D_f", forget), ("retain set D_r", retain)):
+        try:
+            size = len(ds)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise DataError(
+                f"the {label} must be a sized torch Dataset of (x, y) pairs, got "
+                f"{type(ds).__name__}; wrap tensors in torch.utils.data.TensorDataset(x, y)"
+            ) from exc
+        if size == 0:
+            raise DataError(
+                f"the {label} is empty; unlearning needs at least one sample in D_f and in D_r"
+            )
+
+
+def _first_batch(ds: Dataset, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole set if in memory, else its first batch; checked by ``check_inputs``."""
+    if in_memory(ds):
+        x, y = as_tensors(ds)
+    else:
+        try:
+            batches = stream_batches(ds, batch_size=FIRST_BATCH)
+            x, y = next(batches)
+            batches.close()
+        except DataError as exc:
+            raise DataError(f"the {label}: {exc}") from exc
+    check_inputs(x, y, label)
+    return x, y
+
+
+def _private_copy(model: nn.Module, device: str | torch.device | None
+                  ) -> tuple[nn.Module, torch.device]:
+    first = next(model.parameters(), None)
+    if device is None:
+        dev = first.device if first is not None else torch.device("cpu")
+    else:
+        dev = resolve_device(device)
+    return copy.deepcopy(model).to(dev), dev
 
 
 def register_method(cls: type[Unlearner]) -> type[Unlearner]:

@@ -6,11 +6,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from deepclean.data.datasets import as_tensors, check_loader_options, in_memory
 from deepclean.errors import ConfigurationError
 from deepclean.fisher.diagonal import fisher_diagonal
 from deepclean.fisher.train_fisher import TrainFisher
 from deepclean.masking import BN_STATS, masked_finetune
-from deepclean.methods.autogamma import auto_gamma, check_holdout_disjoint, no_holdout_error
+from deepclean.methods.autogamma import (
+    auto_gamma_data,
+    check_holdout_disjoint,
+    no_holdout_error,
+)
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
@@ -21,6 +26,7 @@ from deepclean.methods.base import (
 from deepclean.methods.dynamic import dynamic_masked_finetune
 from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext
 from deepclean.selection import check_mask, mask_summary, select_weights
+from deepclean.validation import check_inputs
 
 __all__ = ["DeepClean", "ZeroWeights", "reset_weights"]
 
@@ -82,6 +88,23 @@ class DeepClean(Unlearner):
             belong to this model and exactly these samples (else ``ConfigurationError`` /
             ``SplitMismatchError`` before any reset). Default None: both passes, as in the paper.
         seed: seeds the fine-tune's shuffling.
+        num_workers, pin_memory, persistent_workers: ``DataLoader`` options for a D_f or D_r that
+            is not in memory (execution options, not hyperparameters: never recorded). Default
+            0, False, False.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs. Data in memory (a
+    ``TensorDataset`` or a ``Subset`` of one) is sliced as tensors; any other data set is never
+    read whole: the Fisher passes and the fine-tune read it batch by batch through
+    ``DataLoader`` s (the fine-tune afresh every epoch, in the order the in-memory path draws from
+    the same seed), so memory holds one batch at a time and the same samples give the same model
+    either way (:func:`deepclean.masking.masked_finetune`). ``num_workers`` does not change the
+    result when the data set's randomness (if any) is a function of index and epoch (a data set
+    with ``set_epoch`` is told each fine-tune epoch). What is read into memory from a streamed
+    set: with ``gamma="auto"``, the labels of D_f and D_r (one pass that keeps only the labels)
+    and the D_f slice the candidates are scored on (at most ``auto_eval_size`` samples); the
+    held-out set is read whole, and the short fine-tunes stream their subset of D_r. With
+    ``train_fisher``, D_f and D_r are read once more to check their sample digests. With
+    ``refresh_every`` (the dynamic Fisher) both sets are read into memory.
 
     After :meth:`unlearn`, ``mask_`` holds the selection and ``info_`` the number and share of
     weights reset (``n_reset``, ``n_weights``, ``share_reset`` as a fraction) and the gamma used
@@ -101,6 +124,7 @@ class DeepClean(Unlearner):
     accepts_train_fisher = True
     harness_args = {"epochs": "unlearn_epochs", "lr": "unlearn_lr", "holdout": "holdout"}
     collaborators = ("train_fisher", "holdout")
+    streams = True
 
     def __init__(
         self,
@@ -121,8 +145,16 @@ class DeepClean(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
+                             persistent_workers=persistent_workers)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         check_non_negative_int(refresh_every=refresh_every)
         if refresh_size is not None:
             check_positive_int(refresh_size=refresh_size)
@@ -177,40 +209,63 @@ class DeepClean(Unlearner):
             check_holdout_disjoint(self.holdout, forget, retain)
         return super().unlearn(model, forget, retain)
 
+    def _loader_options(self) -> dict:
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                "persistent_workers": self.persistent_workers}
+
     def fisher_pair(
         self, model: nn.Module, xf: torch.Tensor, yf: torch.Tensor, xr: torch.Tensor,
         yr: torch.Tensor, device: torch.device,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The Fisher diagonals on D_f and D_r (step 1); with ``train_fisher``, I_Dr follows from
         the precomputed I_D and I_Df without a pass over D_r."""
+        return self.fisher_pair_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def fisher_pair_data(
+        self, model: nn.Module, forget: Dataset, retain: Dataset, device: torch.device,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`fisher_pair` on data sets (streamed through ``DataLoader`` s unless in memory)."""
+        memory = in_memory(forget) and in_memory(retain)
+        if self.train_fisher is not None:  # before any work
+            if memory:
+                self.train_fisher.check(model, *as_tensors(forget), *as_tensors(retain))
+            else:
+                self.train_fisher.check_data(model, forget, retain,
+                                             batch_size=self.fisher_batch_size,
+                                             num_workers=self.num_workers)
+        fisher_f = fisher_diagonal(model, forget, batch_size=self.fisher_batch_size,
+                                   device=device, num_workers=self.num_workers)
         if self.train_fisher is not None:
-            self.train_fisher.check(model, xf, yf, xr, yr)  # before any work
-        fisher_f = fisher_diagonal(model, TensorDataset(xf, yf),
-                                   batch_size=self.fisher_batch_size, device=device)
-        if self.train_fisher is not None:
-            fisher_r = self.train_fisher.retain_fisher(model, fisher_f, xf, yf, xr, yr,
-                                                       check=False)
+            fisher_r = self.train_fisher.retain_fisher_from(fisher_f, n_forget=len(forget),
+                                                            n_retain=len(retain))
             self.info_["fisher_mode"] = "precomputed"
         else:
-            fisher_r = fisher_diagonal(model, TensorDataset(xr, yr),
-                                       batch_size=self.fisher_batch_size, device=device)
+            fisher_r = fisher_diagonal(model, retain, batch_size=self.fisher_batch_size,
+                                       device=device, num_workers=self.num_workers)
             self.info_["fisher_mode"] = "two_passes"
         return fisher_f, fisher_r
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
-        fisher_f, fisher_r = self.fisher_pair(model, xf, yf, xr, yr, device)
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
+        if self.refresh_every and self.epochs and not (in_memory(forget) and in_memory(retain)):
+            forget, retain = _read_whole(forget, "forget set D_f"), _read_whole(retain,
+                                                                                 "retain set D_r")
+        fisher_f, fisher_r = self.fisher_pair_data(model, forget, retain, device)
         gamma = None
         if self.gamma == "auto":
-            result = auto_gamma(
-                model, fisher_f, fisher_r, xf, yf, xr, yr, holdout=self.holdout,
+            result = auto_gamma_data(
+                model, fisher_f, fisher_r, forget, retain, holdout=self.holdout,
                 epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                 bn_stats=self.bn_stats, seed=self.seed, device=device, budget=self.auto_budget,
-                max_candidates=self.auto_candidates, eval_size=self.auto_eval_size)
+                max_candidates=self.auto_candidates, eval_size=self.auto_eval_size,
+                loader_options=self._loader_options())
             gamma = result.gamma
             self.info_["auto_gamma"] = result.to_info()
             self.info_["holdout_size"] = len(self.holdout)
-        return self.apply_selection(model, fisher_f, fisher_r, xr, yr, device, gamma=gamma,
-                                    xf=xf, yf=yf)
+        return self._select_and_finetune(model, fisher_f, fisher_r, forget, retain, device,
+                                         gamma=gamma)
 
     def apply_selection(
         self,
@@ -234,6 +289,15 @@ class DeepClean(Unlearner):
             ConfigurationError: no numeric gamma (``gamma="auto"`` and none passed), or
                 ``refresh_every`` without ``xf``/``yf``.
         """
+        forget = None if xf is None or yf is None else TensorDataset(xf, yf)
+        return self._select_and_finetune(model, fisher_forget, fisher_retain, forget,
+                                         TensorDataset(xr, yr), device, gamma=gamma)
+
+    def _select_and_finetune(
+        self, model: nn.Module, fisher_forget: dict[str, torch.Tensor],
+        fisher_retain: dict[str, torch.Tensor], forget: Dataset | None, retain: Dataset,
+        device: torch.device, *, gamma: float | None = None,
+    ) -> nn.Module:
         gamma = self.gamma if gamma is None else gamma
         if gamma == "auto":
             raise ConfigurationError(
@@ -246,10 +310,12 @@ class DeepClean(Unlearner):
         self.info_.update(n_reset=selected, n_weights=total, share_reset=selected / total,
                           gamma=float(gamma))
         if self.refresh_every and self.epochs:
-            if xf is None or yf is None:
+            if forget is None:
                 raise ConfigurationError(
                     "refresh_every needs D_f for the recomputed Fisher; pass xf and yf to "
                     "apply_selection, or use unlearn()")
+            xf, yf = as_tensors(forget)
+            xr, yr = as_tensors(retain)
             out, mask, refreshes = dynamic_masked_finetune(
                 model, mask, xf, yf, xr, yr, gamma=float(gamma), refresh_every=self.refresh_every,
                 epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
@@ -261,9 +327,9 @@ class DeepClean(Unlearner):
                               share_reset=final / total, refreshes=refreshes)
             return out
         return masked_finetune(
-            model, mask, xr, yr, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+            model, mask, retain, None, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator(), device=device, bn_stats=self.bn_stats,
-            desc=f"{self.name} fine-tune", progress=self.progress,
+            desc=f"{self.name} fine-tune", progress=self.progress, **self._loader_options(),
         )
 
     @classmethod
@@ -282,7 +348,8 @@ class ZeroWeights(DeepClean):
 
     Same selection as :class:`DeepClean` (``gamma``, ``fisher_batch_size``, ``train_fisher``;
     ``gamma="auto"`` with ``holdout`` scores the reset models without fine-tunes, so its search
-    costs only forward passes); the timed step is the Fisher passes and the reset.
+    costs only forward passes); the timed step is the Fisher passes and the reset. Streams D_f
+    and D_r as :class:`DeepClean` does (``num_workers``, ``pin_memory``, ``persistent_workers``).
     """
 
     name = "zero_weights"
@@ -305,13 +372,24 @@ class ZeroWeights(DeepClean):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(gamma=gamma, epochs=0, fisher_batch_size=fisher_batch_size,
                          train_fisher=train_fisher, holdout=holdout,
                          auto_candidates=auto_candidates, auto_eval_size=auto_eval_size,
-                         seed=seed, device=device, progress=progress)
+                         seed=seed, device=device, progress=progress, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers)
 
     @classmethod
     def search_space(cls, context: SpaceContext) -> dict[str, Param]:
         """gamma only, over DeepClean's range (no fine-tune)."""
         return {"gamma": DeepClean.search_space(context)["gamma"]}
+
+
+def _read_whole(ds: Dataset, label: str) -> TensorDataset:
+    """A data set read into memory, every sample checked (the dynamic Fisher needs tensors)."""
+    x, y = as_tensors(ds)
+    check_inputs(x, y, label)
+    return TensorDataset(x, y)

@@ -284,14 +284,15 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
                                         r.get("scenario")) == (dataset, model, scenario)]
         if memorisation_note(group):
             lines.append(memorisation_note(group))
-        findings = behaviour_notes(group)
-        if findings:
-            lines += ["", "Findings:", *(f"- {f}" for f in findings), ""]
-        if auto_gamma_note(group):
-            lines.append(auto_gamma_note(group))
-        verdicts = verdict_lines(group)
-        if verdicts:
-            lines += ["", *verdicts, ""]
+        if table == "paper":  # once per group (results.md), not under every other table
+            findings = behaviour_notes(group)
+            if findings:
+                lines += ["", "Findings:", *(f"- {f}" for f in findings), ""]
+            if auto_gamma_note(group):
+                lines.append(auto_gamma_note(group))
+            verdicts = verdict_lines(group)
+            if verdicts:
+                lines += ["", *verdicts, ""]
         sources = hp_sources(group)
         if sources:
             lines.append(sources)

@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -386,16 +387,7 @@ def stream_batches(
                                          num_workers=num_workers)
     try:
         for item in loader:
-            if not isinstance(item, (list, tuple)) or len(item) != 2:
-                raise DataError(
-                    f"expected each sample to be an (x, y) pair, got {type(item).__name__}"
-                )
-            x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
-            if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-                raise DataError(
-                    f"expected integer class labels of shape (B,), got {tuple(y.shape)} {y.dtype}"
-                )
-            yield x, y.long()
+            yield _pair(item)
     except (KeyError, IndexError, TypeError, RuntimeError) as exc:
         raise DataError(
             f"could not read (x, y) pairs from the {type(dataset).__name__} given ({exc}); "
@@ -528,22 +520,29 @@ class ShuffledBatches:
         self.epochs_read += 1
         try:
             for item in self.loader:
-                if not isinstance(item, (list, tuple)) or len(item) != 2:
-                    raise DataError(
-                        f"expected each sample to be an (x, y) pair, got {type(item).__name__}"
-                    )
-                x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
-                if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-                    raise DataError(
-                        f"expected integer class labels of shape (B,), got {tuple(y.shape)} "
-                        f"{y.dtype}; labels must be class indices, not one-hot vectors"
-                    )
-                yield x, y.long()
+                yield _pair(item)
         except (KeyError, IndexError, TypeError, RuntimeError) as exc:
             raise DataError(
                 f"could not read (x, y) pairs from the {type(self.dataset).__name__} given "
                 f"({exc}); expected a torch Dataset whose items are (x, y) pairs of equal shapes"
             ) from exc
+
+
+def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One collated batch as ``(x, y)`` with int64 labels ``(B,)``.
+
+    Raises:
+        DataError: the batch is not an ``(x, y)`` pair, or its labels are not class indices.
+    """
+    if not isinstance(item, (list, tuple)) or len(item) != 2:
+        raise DataError(f"expected each sample to be an (x, y) pair, got {type(item).__name__}")
+    x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+    if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise DataError(
+            f"expected integer class labels of shape (B,), got {tuple(y.shape)} {y.dtype}; "
+            "labels must be class indices, not one-hot vectors"
+        )
+    return x, y.long()
 
 
 def random_crop_flip(

@@ -297,18 +297,7 @@ def prepare_inputs(
 
     check_trainable(model)
     model = unwrap_model(model)
-    for label, ds in (("forget set D_f", forget), ("retain set D_r", retain)):
-        try:
-            size = len(ds)  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise DataError(
-                f"the {label} must be a sized torch Dataset of (x, y) pairs, got "
-                f"{type(ds).__name__}; wrap tensors in torch.utils.data.TensorDataset(x, y)"
-            ) from exc
-        if size == 0:
-            raise DataError(
-                f"the {label} is empty; unlearning needs at least one sample in D_f and in D_r"
-            )
+    _check_sizes(forget, retain)
     check_unique(forget, "forget set D_f")
     check_unique(retain, "retain set D_r")
     check_disjoint(forget, retain)

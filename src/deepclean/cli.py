@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -111,8 +112,16 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``deepclean run: error: ...`` and exit status 2, without
+    the usage block (``--help`` shows it)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepclean",
         description="Machine unlearning of PyTorch classifiers (DeepClean, arXiv 2311.10448).",
     )
@@ -129,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_experiment_arguments(run)
     _add_tuned_arguments(run)
-    run.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+    run.add_argument("--dist-timeout", type=_minutes, default=30.0, metavar="MINUTES",
                      help="under torchrun: how long a process waits for the others at a "
                      "collective before the job fails (default 30); the wait while rank 0 "
                      "alone trains a model that is not cached is not bound by it")
@@ -375,6 +384,17 @@ def _gamma(text: str) -> float | str:
             f"expected a number > 0 or 'auto', got {text!r}") from None
 
 
+def _minutes(text: str) -> float:
+    """A finite number of minutes > 0 (``--dist-timeout``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of minutes > 0, got {text!r}")
+    return value
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -507,7 +527,8 @@ def _main(args: argparse.Namespace, *, where: str | None = None) -> int:
         print(f"{error_prefix} {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("deepclean: interrupted", file=sys.stderr)
+        print("deepclean: interrupted; run the same command again to resume (finished results "
+              "and searches are reused)", file=sys.stderr)
         return 130
 
 

@@ -306,9 +306,11 @@ def test_bad_timeouts_and_device_are_refused(monkeypatch, tmp_path, capsys) -> N
     with pytest.raises(ConfigurationError, match="timeout_s"):
         with torchrun_process_group(timeout_s=0, cuda=False):
             pass
+    for bad in ("-1", "0", "inf", "nan"):  # refused by the parser, in one process or several
+        with pytest.raises(SystemExit) as exc:
+            main([*RUN, "--dist-timeout", bad, "--out", str(tmp_path / "o")])
+        assert exc.value.code == 2 and "--dist-timeout" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main([*RUN, "--dist-timeout", "-1", "--out", str(tmp_path / "o")]) == 2
-    assert "--dist-timeout" in capsys.readouterr().err
     assert main([*RUN, "--device", "mps", "--out", str(tmp_path / "o")]) == 2
     assert "not supported under torchrun" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepclean.cli import main
-from deepclean.data.datasets import ImageData
+from deepclean.data.datasets import ImageData, load_dataset
 from deepclean.errors import ConfigurationError
 from deepclean.harness.config import ExperimentConfig
 from deepclean.harness.holdout import held_out
@@ -67,17 +67,17 @@ def test_held_out_halves_are_disjoint_and_never_the_training_subset():
                      train_y=torch.arange(100) % 3, test_x=torch.randn(40, 1, 4, 4, generator=g),
                      test_y=torch.arange(40) % 3, num_classes=3)
     subset = torch.arange(0, 100, 2)
-    pool = held_out(data, subset, seed=0, test_half="report", validation_index=torch.arange(20))
+    val = (data.test_x[:20], data.test_y[:20])
+    pool = held_out(data, subset, seed=0, test_half="report", validation=val)
     assert pool.source == "unused training images" and len(pool.y) == 50
     xc, xv = pool.choice.tensors[0], pool.verdict.tensors[0]
     assert len(xc) == len(xv) == 25
     flat = lambda x: {tuple(r.tolist()) for r in x.flatten(1)}  # noqa: E731
     assert not flat(xc) & flat(xv)
     assert not (flat(xc) | flat(xv)) & flat(data.train_x[subset])
-    again = held_out(data, subset, seed=0, test_half="report", validation_index=torch.arange(20))
+    again = held_out(data, subset, seed=0, test_half="report", validation=val)
     assert torch.equal(again.choice.tensors[0], xc)  # same seed, same halves
-    everything = held_out(data, torch.arange(100), seed=0, test_half="all",
-                          validation_index=torch.arange(20))
+    everything = held_out(data, torch.arange(100), seed=0, test_half="all", validation=val)
     assert everything.source.startswith("validation half of the test set (also reported")
     assert len(everything.choice) == len(everything.verdict) == 10
 
@@ -90,3 +90,25 @@ def test_bad_gamma_on_the_command_line_is_refused(tmp_path, capsys):
     with pytest.raises(ConfigurationError, match="gamma_random must be"):
         ExperimentConfig(gamma_random=-1.0).validate()
     ExperimentConfig(gamma_random="auto", gamma_class="auto").validate()  # no data needed yet
+
+
+def test_with_the_report_half_the_held_out_pool_is_the_other_half(tmp_path):
+    """``--test-half report`` (implied by --hp-file) cuts the test set to the report half; the
+    held-out pool of a run on every training image must still be the validation half."""
+    from deepclean.harness.cache import _make_context
+    from deepclean.harness.tuning import test_halves
+
+    full = load_dataset("digits")
+    cfg = ExperimentConfig(dataset="digits", models=("small_cnn",), train_size=None,
+                           test_half="report", out_dir=str(tmp_path / "o"),
+                           cache_dir=str(tmp_path / "c"), progress=False)
+    ctx = _make_context(cfg, lambda text: None)
+    val, report = test_halves(len(full.test_y), seed=0)
+    assert torch.equal(ctx.data.test_x, full.test_x[report])  # what is reported
+    assert torch.equal(ctx.validation[0], full.test_x[val])  # what is held out
+    pool = held_out(ctx.data, torch.arange(len(full.train_y)), seed=0, test_half="report",
+                    validation=ctx.validation)
+    reported = {tuple(r.tolist()) for r in full.test_x[report].flatten(1)}
+    pooled = {tuple(r.tolist()) for r in pool.x.flatten(1)}
+    assert pool.source == "validation half of the test set"
+    assert not pooled & reported and len(pool.y) == len(val)

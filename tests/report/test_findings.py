@@ -38,3 +38,13 @@ def test_findings_appear_under_the_markdown_table():
     md = markdown_tables(_group())
     assert "Findings:\n- fisher_forgetting: no-op" in md
     assert "- neggrad: collapsed" in md
+
+
+def test_the_memorisation_warning_is_only_for_random_forgetting():
+    from deepclean.report.common import memorisation_note
+
+    m = {"acc_train": 99.0, "acc_holdout": 98.5, "holdout": "unused training images",
+         "attack_auc": 0.51, "too_small_for_random_forgetting": True}
+    rec = {"method": "original", "seed": 0, "memorisation": m}
+    assert "WARNING" in memorisation_note([rec | {"scenario": "random"}])
+    assert "WARNING" not in memorisation_note([rec | {"scenario": "class"}])

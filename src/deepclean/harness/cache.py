@@ -75,6 +75,10 @@ class _Context:
     cache_dir: Path
     out_dir: Path
     log: Callable[[str], None]
+    #: the validation half of the *whole* test set (inputs, labels), whatever ``test_half`` is:
+    #: held-out data when the original trained on every training image, never reported on with
+    #: ``test_half="report"``
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _train_or_load(
@@ -185,15 +189,15 @@ def _make_context(config: ExperimentConfig, log: Callable[[str], None]) -> _Cont
             data = load_dataset(config.dataset, data_dir=config.data_dir, download=True)
     else:
         data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+    val, report = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
+    validation = (data.test_x[val], data.test_y[val])  # before the test set is cut to a half
     if config.test_half == "report":
-
-        _, report = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
         data = replace(data, test_x=data.test_x[report], test_y=data.test_y[report])
     out_dir = Path(config.out_dir)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if is_main_process():  # under torch.distributed only rank 0 writes files
         out_dir.mkdir(parents=True, exist_ok=True)
-    return _Context(config, data, device, cache_dir, out_dir, log)
+    return _Context(config, data, device, cache_dir, out_dir, log, validation)
 
 
 def _training_subset(ctx: _Context, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -91,7 +91,6 @@ from deepclean.harness.resume import (
     check_writable,
     remove_stale_temporaries,
 )
-from deepclean.harness.tuning import test_halves
 from deepclean.methods import make_method, method_class
 from deepclean.precision import (
     autocast,
@@ -240,9 +239,8 @@ def _run_experiment(
             train_fisher = _train_fisher(ctx, model_name=model_name, original=original,
                                          original_meta=original_meta, x_train=x_train,
                                          y_train=y_train)
-            val_idx, _ = test_halves(int(data.test_x.shape[0]), seed=TEST_HALVES_SEED)
             pool = held_out(data, subset, seed=seed, test_half=config.test_half,
-                            validation_index=val_idx)
+                            validation=ctx.validation)
             original_meta = original_meta | {
                 "memorisation": _memorisation(ctx, original, pool, x_train, y_train, seed)}
             for scenario in config.scenarios:

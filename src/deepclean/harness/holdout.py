@@ -51,7 +51,8 @@ class HeldOut:
 
 
 def held_out(data: ImageData, subset: torch.Tensor, *, seed: int, test_half: str,
-             validation_index: torch.Tensor, max_half: int = MAX_HALF) -> HeldOut:
+             validation: tuple[torch.Tensor, torch.Tensor],
+             max_half: int = MAX_HALF) -> HeldOut:
     """The held-out pool for the training subset ``subset`` (indices into ``data.train_x``).
 
     Args:
@@ -60,7 +61,9 @@ def held_out(data: ImageData, subset: torch.Tensor, *, seed: int, test_half: str
         seed: the run's seed; the halves are drawn with ``20_000 + seed``.
         test_half: the run's ``--test-half``; with ``"all"`` and no unused training image, the
             source says that the validation half is also reported.
-        validation_index: indices of the test set's validation half (the fallback pool).
+        validation: ``(x, y)`` of the validation half of the whole test set (the fallback
+            pool): never the half that ``test_half="report"`` reports on, even when ``data``'s
+            test set has already been cut to that half.
         max_half: largest size of each half.
 
     Returns:
@@ -72,7 +75,7 @@ def held_out(data: ImageData, subset: torch.Tensor, *, seed: int, test_half: str
     if bool(unused.any()):
         x, y, source = data.train_x[unused], data.train_y[unused], "unused training images"
     else:
-        x, y = data.test_x[validation_index], data.test_y[validation_index]
+        x, y = validation
         source = "validation half of the test set"
         if test_half == "all":
             source += " (also reported: pass --test-half report to keep them apart)"

@@ -62,7 +62,7 @@ def memorisation_note(records: Iterable[dict[str, Any]]) -> str:
         text = (f"Memorisation of the original model (seed {r['seed']}): train "
                 f"{m['acc_train']:.2f} % vs held-out {m['acc_holdout']:.2f} % ({m.get('holdout')}), "
                 f"loss-attack AUC {m['attack_auc']:.3f}.")
-        if m.get("too_small_for_random_forgetting"):
+        if m.get("too_small_for_random_forgetting") and r.get("scenario") == "random":
             text += (" WARNING: it has hardly memorised its training data, so random forgetting "
                      "looks solved by any method.")
         out.append(text)

@@ -234,6 +234,30 @@ def verify(
             D_f, holds samples of D_f, or is largely a copy of the training data.
         ConfigurationError: a bad seed, batch size or tolerance.
     """
+    return _verify(original, unlearned, data, forget_ids, holdout, seed=seed, device=device,
+                   batch_size=batch_size, max_retain=max_retain, acc_tolerance=acc_tolerance,
+                   auc_tolerance=auc_tolerance, utility_tolerance=utility_tolerance)
+
+
+def _verify(
+    original: nn.Module,
+    unlearned: nn.Module,
+    data: Dataset | Any,
+    forget_ids: Sequence[int | str],
+    holdout: Dataset | Any | None = None,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    batch_size: int = 512,
+    max_retain: int = 5000,
+    acc_tolerance: float | None = None,
+    auc_tolerance: float | None = None,
+    utility_tolerance: float | None = None,
+    overlap: int | None = None,
+) -> dict[str, Any]:
+    """:func:`verify`; ``overlap`` is :func:`check_holdout_overlap`'s count when the caller has
+    already checked this held-out set against these data (:func:`forget` does, before any work),
+    else None (checked here)."""
     from deepclean.evaluation.metrics import predict_logits
     from deepclean.evaluation.mia import mia_family
     from deepclean.evaluation.verdict import forgetting_verdict, matched_holdout
@@ -282,7 +306,8 @@ def verify(
         return _json_safe(record)
 
     xh, yh = _holdout_tensors(holdout)
-    overlap = check_holdout_overlap(x, idx, xh)
+    if overlap is None:
+        overlap = check_holdout_overlap(x, idx, xh)
     if overlap:
         record["notes"].append(
             f"{overlap} held-out sample(s) are identical to training samples (duplicates in the "
@@ -419,10 +444,10 @@ def forget(
             gamma_source = "auto" if hp["gamma"] == "auto" else "default"
         else:
             gamma_source = "auto" if hp["gamma"] == "auto" else "given"
-    holdout_ds = None
+    holdout_ds, overlap = None, None
     if holdout is not None:
         xh, yh = _holdout_tensors(holdout)
-        check_holdout_overlap(x, torch.as_tensor(idx, dtype=torch.long), xh)  # before any work
+        overlap = check_holdout_overlap(x, torch.as_tensor(idx, dtype=torch.long), xh)  # first
         holdout_ds = TensorDataset(xh, yh)
     extra: dict[str, Any] = {"seed": seed, "progress": progress}
     if device is not None:
@@ -438,8 +463,8 @@ def forget(
     finished = utc_now()
     work = unwrap_model(model)
     changes = count_changed(work, unlearned)
-    record = verify(work, unlearned, base, idx, holdout_ds, seed=seed, device=device,
-                    batch_size=batch_size)
+    record = _verify(work, unlearned, base, idx, holdout_ds, overlap=overlap, seed=seed,
+                     device=device, batch_size=batch_size)
     info = _json_safe(dict(unlearner.info_))
     if changes["weights_changed"] == 0:
         reset = (f" (no weight's Fisher ratio I_Df / I_Dr exceeds gamma {info.get('gamma')}: "

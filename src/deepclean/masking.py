@@ -41,6 +41,7 @@ from deepclean.data.datasets import (
     ShuffledBatches,
     as_tensors,
     check_loader_options,
+    dataset_size,
     in_memory,
     iterate_batches,
 )
@@ -59,7 +60,7 @@ from deepclean.progress import progress_bar
 from deepclean.selection import check_mask
 from deepclean.validation import check_inputs, check_labels_fit
 
-__all__ = ["masked_finetune", "BN_STATS"]
+__all__ = ["masked_finetune", "check_finetune_settings", "BN_STATS"]
 
 BN_STATS = ("update", "freeze")
 
@@ -70,6 +71,15 @@ _NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
     else {"broadcast_buffers": False}
 )
+
+
+def check_finetune_settings(*, bn_stats: str, epochs: int) -> None:
+    """Raise ``ConfigurationError`` unless ``bn_stats`` is one of :data:`BN_STATS` and
+    ``epochs >= 0`` (the masked fine-tune's settings, static or dynamic)."""
+    if bn_stats not in BN_STATS:
+        raise ConfigurationError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+    if epochs < 0:
+        raise ConfigurationError(f"epochs must be >= 0, got {epochs}")
 
 
 def masked_finetune(
@@ -175,18 +185,10 @@ def masked_finetune(
         if data is None:
             n = int(x.shape[0])
         else:
-            try:
-                n = len(data)  # type: ignore[arg-type]
-            except TypeError as exc:
-                raise DataError(
-                    f"expected a sized torch Dataset of (x, y) pairs, got {type(data).__name__}; "
-                    "wrap tensors as torch.utils.data.TensorDataset(x, y)") from exc
+            n = dataset_size(data, "the fine-tune's data")
             if n == 0:
                 raise DataError("the fine-tune's data set is empty; expected at least one sample")
-        if bn_stats not in BN_STATS:
-            raise ConfigurationError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
-        if epochs < 0:
-            raise ConfigurationError(f"epochs must be >= 0, got {epochs}")
+        check_finetune_settings(bn_stats=bn_stats, epochs=epochs)
         device = torch.device(device)
         model.to(device)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -18,11 +18,12 @@ from deepclean.data.datasets import (
     ShuffledBatches,
     as_tensors,
     check_loader_options,
+    dataset_size,
     in_memory,
     iterate_batches,
     random_crop_flip,
 )
-from deepclean.errors import ConfigurationError, DataError
+from deepclean.errors import ConfigurationError
 from deepclean.precision import autocast, check_precision, to_input_format, to_memory_format
 from deepclean.progress import progress_bar
 
@@ -194,12 +195,7 @@ def train_model(
         x, y = as_tensors(x)
         n = int(x.shape[0])
     else:
-        try:
-            n = len(x)  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise DataError(
-                f"expected a sized torch Dataset of (x, y) pairs, got {type(x).__name__}; wrap "
-                "tensors as torch.utils.data.TensorDataset(x, y)") from exc
+        n = dataset_size(x, "the training data")
     device = torch.device(device)
     check_precision(precision, device)
     to_memory_format(model.to(device), channels_last).train()

@@ -39,6 +39,7 @@ __all__ = [
     "iterate_batches",
     "random_crop_flip",
     "in_memory",
+    "dataset_size",
     "stream_batches",
     "ShuffledBatches",
     "check_loader_options",
@@ -354,6 +355,21 @@ def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise DataError(f"expected integer class labels, got dtype {y.dtype}")
     return x, y.long()
+
+
+def dataset_size(dataset: Dataset, what: str = "the data set") -> int:
+    """``len(dataset)``, or a ``DataError`` naming ``what`` when it has no length.
+
+    Raises:
+        DataError: ``dataset`` is not a sized Dataset (e.g. an iterable or a generator).
+    """
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise DataError(
+            f"{what} must be a sized torch Dataset of (x, y) pairs, got "
+            f"{type(dataset).__name__}; wrap tensors in torch.utils.data.TensorDataset(x, y)"
+        ) from exc
 
 
 def in_memory(dataset: Dataset) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from deepclean.data.datasets import as_tensors, in_memory, stream_batches
+from deepclean.data.datasets import as_tensors, dataset_size, in_memory, stream_batches
 from deepclean.errors import ConfigurationError, DataError, DivergenceError
 from deepclean.methods.space import Param, SpaceContext
 from deepclean.training import resolve_device
@@ -372,14 +372,7 @@ def prepare_datasets(
 
 def _check_sizes(forget: Dataset, retain: Dataset) -> None:
     for label, ds in (("forget set D_f", forget), ("retain set D_r", retain)):
-        try:
-            size = len(ds)  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise DataError(
-                f"the {label} must be a sized torch Dataset of (x, y) pairs, got "
-                f"{type(ds).__name__}; wrap tensors in torch.utils.data.TensorDataset(x, y)"
-            ) from exc
-        if size == 0:
+        if dataset_size(ds, f"the {label}") == 0:
             raise DataError(
                 f"the {label} is empty; unlearning needs at least one sample in D_f and in D_r"
             )

@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError
 from deepclean.fisher.diagonal import fisher_diagonal
-from deepclean.masking import BN_STATS
+from deepclean.masking import check_finetune_settings
 from deepclean.selection import check_mask, mask_summary, select_weights
 
 __all__ = ["dynamic_masked_finetune"]
@@ -79,10 +79,7 @@ def dynamic_masked_finetune(
         raise ConfigurationError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
     if refresh_size is not None and (not isinstance(refresh_size, int) or refresh_size < 1):
         raise ConfigurationError(f"refresh_size must be an int >= 1 or None, got {refresh_size!r}")
-    if bn_stats not in BN_STATS:
-        raise ConfigurationError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
-    if epochs < 0:
-        raise ConfigurationError(f"epochs must be >= 0, got {epochs}")
+    check_finetune_settings(bn_stats=bn_stats, epochs=epochs)
     device = torch.device(device)
     model.to(device)
     check_mask(model, mask)

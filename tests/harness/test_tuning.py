@@ -154,3 +154,21 @@ def test_every_method_declares_a_valid_search_space_within_the_cap():
     for name in ("deepclean", "finetune", "scrub", "neggrad", "sparse_mu", "teacher", "salun",
                  "random_label", "zero_weights"):
         assert name in tunable
+
+
+def test_search_key_ignores_other_scenarios_methods_and_output():
+    """A search finished by one ``deepclean tune`` is reused by another that tunes other
+    scenarios or methods or writes elsewhere; a change of what the search depends on is not."""
+    from deepclean.harness.config import ExperimentConfig, with_overrides
+    from deepclean.harness.tune import search_key
+
+    base = ExperimentConfig(out_dir="a", scenarios=("random", "class"), methods=("deepclean",))
+    kw = dict(scenario="random", method="deepclean", space={"gamma": {"type": "log_uniform"}},
+              tune_seed=100, n_trials=12, max_passes=3)
+    key = search_key(base, **kw)
+    for other in (with_overrides(base, scenarios=("random",)), with_overrides(base, out_dir="b"),
+                  with_overrides(base, methods=("deepclean", "finetune"))):
+        assert search_key(other, **kw) == key
+    assert search_key(with_overrides(base, width=0.25), **kw) != key
+    assert search_key(base, **(kw | {"n_trials": 6})) != key
+    assert search_key(base, **(kw | {"scenario": "class"})) != key

@@ -182,12 +182,8 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
                                                   model_name, ctx.data, train_fisher),
             )
             space_record = {k: p.to_dict() for k, p in space.items()}
-            config_record = {k: v for k, v in cfg.to_dict().items() if k != "num_workers"}
-            key = method_key({"config": config_record | {"out_dir": None, "progress": None,
-                                                         "methods": None},
-                              "scenario": scenario, "method": name, "space": space_record,
-                              "tune_seed": tune_seed, "n_trials": n_trials,
-                              "max_passes": max_passes, "version": __version__})
+            key = search_key(cfg, scenario=scenario, method=name, space=space_record,
+                             tune_seed=tune_seed, n_trials=n_trials, max_passes=max_passes)
             path = ctx.out_dir / "tuning" / f"{scenario}_{name}.json"
             done = _finished_search(path, key)
             if done is not None:
@@ -218,6 +214,19 @@ def _run_tuning(cfg: Any, *, tune_seed: int, n_trials: int, max_passes: int,
     log(tuning_table(searches))
     log(f"tuned values written to {path}; use them with: deepclean run --hp-file {path}")
     return {"tuned": tuned, "searches": searches, "path": str(path)}
+
+
+def search_key(cfg: Any, *, scenario: str, method: str, space: dict[str, Any], tune_seed: int,
+               n_trials: int, max_passes: int) -> str:
+    """The key of one search: everything its result depends on. Not the other methods or
+    scenarios of the run, the output folder, progress bars or DataLoader workers, so a search
+    finished by one ``deepclean tune`` is reused by another that tunes more (or fewer) methods or
+    scenarios, in any order."""
+    config_record = {k: v for k, v in cfg.to_dict().items()
+                     if k not in ("num_workers", "out_dir", "progress", "methods", "scenarios")}
+    return method_key({"config": config_record, "scenario": scenario, "method": method,
+                       "space": space, "tune_seed": tune_seed, "n_trials": n_trials,
+                       "max_passes": max_passes, "version": __version__})
 
 
 def _finished_search(path: Path, key: str) -> dict[str, Any] | None:

@@ -265,3 +265,21 @@ def test_lcodec_noise_is_seeded(bn_model, data):
     b = make_method("lcodec", seed=0, **kw).unlearn(copy.deepcopy(bn_model), forget, retain)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_lcodec_work_count_and_tuning_space_fit_the_pass_budget():
+    """The work count by hand and the search space's cap: 2,000 forget and 18,000 retain samples,
+    a scrub batch of 128 is 16 batches of 1000 * 128 + 1024 * 21 + 3 * 128 forward-pass units,
+    over 3 * 18,000 per pass."""
+    from deepclean.methods.space import SpaceContext
+
+    per_batch = 1000 * 128 + 1024 * 21 + 3 * 128
+    assert LCodec.work_in_passes(2000, 18000, 128) == pytest.approx(16 * per_batch / 54000)
+    one = (1000 * 128 + 1024 * 21 + 3 * 2000) / 54000
+    assert LCodec.work_in_passes(2000, 18000, 0) == pytest.approx(one)  # about 2.88 passes
+    space = LCodec.search_space(SpaceContext(max_passes=3, n_forget=2000, n_retain=18000))
+    assert space["scrub_batch_size"].values == (0,)
+    wide = LCodec.search_space(SpaceContext(max_passes=50, n_forget=2000, n_retain=18000))
+    assert wide["scrub_batch_size"].values == (128, 512, 0)  # 2048 >= |D_f| is the same as 0
+    for b in wide["scrub_batch_size"].values:
+        assert LCodec.work_in_passes(2000, 18000, b) <= 50

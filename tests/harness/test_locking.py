@@ -67,3 +67,22 @@ def test_the_same_process_can_lock_again_after_release(tmp_path):
     for _ in range(3):
         with exclusive_lock(tmp_path, purpose="loop"):
             pass
+
+
+def test_a_folder_the_lock_created_is_removed_if_nothing_was_written(tmp_path):
+    """A refused run (an error inside the lock before any output) leaves no empty folder with a
+    lock file; a folder that existed before, or that received output, is kept."""
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with exclusive_lock(fresh, purpose="test"):
+            raise RuntimeError("refused")
+    assert not fresh.exists()
+    kept = tmp_path / "kept"
+    with exclusive_lock(kept, purpose="test"):
+        (kept / "results.json").write_text("{}")
+    assert sorted(p.name for p in kept.iterdir()) == [LOCK_NAME, "results.json"]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with exclusive_lock(existing, purpose="test"):
+        pass
+    assert existing.is_dir()

@@ -67,6 +67,10 @@ def exclusive_lock(path: str | Path, *, purpose: str, wait: bool = False,
     path = Path(path)
     lock_path = path / LOCK_NAME if path.is_dir() or not path.suffix else \
         path.with_name(path.name + ".lock")
+    # A refused or failed run leaves no empty folder behind: a folder this call creates is
+    # removed again if it holds nothing but the lock file at the end (``wait=False`` only: a
+    # waiting process may hold the lock file open, so shared cache locks are never removed).
+    created = not wait and not lock_path.parent.exists()
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield lock_path
@@ -96,6 +100,19 @@ def exclusive_lock(path: str | Path, *, purpose: str, wait: bool = False,
             yield lock_path
         finally:
             os.ftruncate(fd, 0)
+            if created:
+                _remove_if_only_lock(lock_path)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _remove_if_only_lock(lock_path: Path) -> None:
+    """Remove the lock file and its folder if the folder holds nothing else (called with the
+    lock still held, so no other process can be writing into the folder)."""
+    try:
+        if [p.name for p in lock_path.parent.iterdir()] == [lock_path.name]:
+            lock_path.unlink()
+            lock_path.parent.rmdir()
+    except OSError:  # a file appeared or the folder is not ours to remove: keep it
+        pass

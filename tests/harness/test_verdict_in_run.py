@@ -4,6 +4,7 @@ DeepClean with ``--gamma auto`` on the held-out pool's choice half."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -51,7 +52,9 @@ def test_run_records_a_verdict_for_every_model_and_auto_gamma(tmp_path, capsys):
     assert "- deepclean: passed in" in md
     assert f"Gamma chosen on held-out data (gamma='auto'): deepclean seed 0: {dc['gamma']:.4g}" in md
     assert "Gamma chosen on held-out data" in (out / "report.html").read_text()
-    assert f"deepclean: gamma chosen on held-out data {dc['gamma']:.4g}" in log
+    assert re.search(r"deepclean: gamma chosen on held-out data \(\d+ samples, validation half of the "
+                     r"test set\): "
+                     + re.escape(f"{dc['gamma']:.4g}"), log)
     assert "Forgetting verdict" in (out / "report.html").read_text()
     audit = json.loads((out / "audit" / "digits_small_cnn_class_deepclean_seed0.json").read_text())
     assert audit["evaluation"]["verdict"]["summary"] == dc["verdict"]["summary"]

@@ -397,7 +397,8 @@ def _run_scenario(
                 f"  MIA {metrics['mia']:.2f}  dAcc_Df {rec['gaps']['d_acc_forget']:+.2f}"
                 f"  time {seconds:.1f} s")
         if "auto_gamma" in rec:
-            ctx.log(f"  {name}: gamma chosen on held-out data {rec['gamma']:.4g} "
+            where = "" if pool is None else f" ({len(pool.choice)} samples, {pool.source})"
+            ctx.log(f"  {name}: gamma chosen on held-out data{where}: {rec['gamma']:.4g} "
                     f"({100 * rec['share_reset']:.2f} % of the weights reset)")
         ctx.log(f"  {name}: verdict {rec['verdict']['summary']}")
     return records

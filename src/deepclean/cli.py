@@ -233,7 +233,7 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
                      help="compute the original model's Fisher on the whole training set once "
                      "(cached); DeepClean then runs the Fisher pass over D_f only (I_Dr follows "
                      "exactly) and its one-off time is reported apart")
-    run.add_argument("--num-workers", type=int, metavar="N",
+    run.add_argument("--num-workers", type=_workers, metavar="N",
                      help="DataLoader worker processes of methods that stream their data "
                      "(DeepClean, Zero Weights, Fine-tune) for data sets not in memory; does not "
                      "change results; default 0")
@@ -392,6 +392,19 @@ def _minutes(text: str) -> float:
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number of minutes > 0, got {text!r}")
+    return value
+
+
+def _workers(text: str) -> int:
+    """An integer >= 0 (``--num-workers``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of worker processes >= 0 (0 reads in the main process), "
+            f"got {text!r}")
     return value
 
 

@@ -38,6 +38,11 @@ def test_malformed_flag_values_are_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--hp", "gamma"])
     assert "METHOD.NAME=VALUE" in capsys.readouterr().err
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "--num-workers", bad])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "--num-workers" in err and ">= 0" in err
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")

@@ -11,7 +11,9 @@ Memory: each mode runs in its own process; the JSON records the growth of peak r
 ``materialised`` (``fisher_diagonal`` on the data set, or on a ``TensorDataset`` of it) and
 ``deepclean`` (``DeepClean(epochs=1).unlearn`` with D_f the first ``--n-forget`` samples and D_r
 the rest, both ``Subset`` s of the generated set: two Fisher passes, the selection, the reset and
-one epoch of the masked fine-tune, streamed).
+one epoch of the masked fine-tune, streamed) and ``train_step`` (a plain PyTorch training loop of
+the same model at the fine-tune's batch of 128: the memory any training step needs, the floor of
+"bounded by batch size times model").
 
 Speed (``--speed``): DeepClean (gamma 1.1, one fine-tune epoch) on ``--speed-n`` random 1x28x28
 images held as a ``TensorDataset`` (10 % forgotten), small CNN, one thread. Processes that import
@@ -72,6 +74,20 @@ def worker(mode: str, n: int, batch_size: int, n_forget: int) -> dict:
         method.unlearn(model, forget, retain)
         extra = {"n_forget": n_forget, "share_reset": method.info_["share_reset"],
                  "fine_tune_batch_size": method.batch_size}
+    elif mode == "train_step":
+        # The floor any fine-tune of this model and batch has: a plain PyTorch loop (Adam,
+        # DeepClean's fine-tune batch of 128) over 20 batches of the same generated images.
+        from torch.utils.data import DataLoader
+
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step, (xb, yb) in enumerate(DataLoader(data, batch_size=128)):
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 19:
+                break
+        extra = {"steps": 20, "fine_tune_batch_size": 128}
     else:
         if mode == "materialised":
             xs, ys = zip(*(data[i] for i in range(n)), strict=True)
@@ -150,7 +166,8 @@ def main() -> int:
     parser.add_argument("--modes", default="streamed,materialised,deepclean",
                         help="comma-separated memory modes to run")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--worker", choices=["streamed", "materialised", "deepclean", "speed"])
+    parser.add_argument("--worker", choices=["streamed", "materialised", "deepclean", "train_step",
+                                             "speed"])
     parser.add_argument("--speed", action="store_true", help="the in-memory speed comparison")
     parser.add_argument("--before-src", type=Path, help="source folder of the package to compare")
     parser.add_argument("--speed-n", type=int, default=5_000)

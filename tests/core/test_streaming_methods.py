@@ -301,12 +301,13 @@ def test_num_workers_reaches_the_streaming_methods_and_no_key():
     from deepclean.harness.resume import IGNORED_CONFIG_FIELDS
 
     args = build_parser().parse_args(["run", "--num-workers", "3", "--methods",
-                                      "deepclean,finetune,neggrad"])
+                                      "deepclean,finetune,neggrad,lcodec"])
     cfg = _config_from_args(args)
     assert cfg.num_workers == 3
     assert _config_from_args(build_parser().parse_args(["run"])).num_workers == 0
     assert "num_workers" in IGNORED_CONFIG_FIELDS
-    for name, takes in (("deepclean", True), ("finetune", True), ("neggrad", False)):
+    for name, takes in (("deepclean", True), ("finetune", True), ("neggrad", True),
+                        ("ssd", True), ("lcodec", False)):
         kwargs = _method_kwargs(cfg, name, "random", 0, _torch.device("cpu"), "resnet18", None)
         assert (kwargs.get("num_workers") == 3) is takes, name
         method = make_method(name, **kwargs)

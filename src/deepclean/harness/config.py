@@ -80,8 +80,8 @@ class ExperimentConfig:
             layout GPU convolutions prefer. Part of the model cache key.
         progress: show progress bars.
         num_workers: ``DataLoader`` worker processes of the methods that stream their data
-            (those with a ``num_workers`` argument: DeepClean, Zero Weights, Fine-tune), for data
-            sets not in memory. An execution option: it does not change results and is no part
+            (those with a ``num_workers`` argument: every method but L-CODEC and the retrained
+            gold model), for data sets not in memory. An execution option: it does not change results and is no part
             of any resume or tuning key. Default 0 (``--num-workers``).
         store_indices: write the forget indices into split manifests and audit records; with
             ``False`` only their SHA-256 and count are written.

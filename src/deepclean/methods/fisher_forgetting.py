@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from deepclean.data.datasets import as_tensors
+from deepclean.data.datasets import as_tensors, check_loader_options, in_memory
 from deepclean.errors import ConfigurationError, DataError, DivergenceError
 from deepclean.fisher.diagonal import eval_mode, fisher_diagonal
+from deepclean.methods._common import Joined, first_input, labels_of, ordered_batches
 from deepclean.methods.base import Unlearner, check_positive, register_method
 from deepclean.methods.space import Choice, LogUniform, Param, SpaceContext
 
@@ -76,6 +77,7 @@ def true_fisher_diagonal(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    num_workers: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Diagonal of the true Fisher information of ``model`` on the inputs of ``data``::
 
@@ -95,6 +97,12 @@ def true_fisher_diagonal(
         batch_size: samples per forward pass; does not change the result (up to rounding).
         device: where to compute; default the model's device.
         dtype: compute dtype (e.g. ``torch.float64`` for tests); default the model's.
+        num_workers: ``DataLoader`` workers for a data set that is not in memory.
+
+    Data in memory (a ``TensorDataset`` or a ``Subset`` of one) is sliced; any other data set is
+    read in its own order through a ``DataLoader``, once per class, one batch in memory at a
+    time (:func:`deepclean.fisher_diagonal` on the data set with every label set to k), with
+    the same result.
 
     Returns:
         ``{name: tensor}`` over ``named_parameters()`` with ``requires_grad``, on the CPU.
@@ -102,19 +110,23 @@ def true_fisher_diagonal(
     Raises:
         DataError: the data set is empty or the model's output is not ``(B, K)``.
     """
-    x, _ = as_tensors(data)
+    memory = in_memory(data)
+    x = as_tensors(data)[0] if memory else None
     first = next(model.parameters(), None)
     if first is None:
         raise ConfigurationError("the model has no parameters; nothing to compute")
     dev = torch.device(device) if device is not None else first.device
-    k_classes = _num_classes(model, x, first.device)
+    k_classes = _num_classes(model, x if memory else first_input(data), first.device)
     total: dict[str, torch.Tensor] = {}
     prefix = "model."
     for k in range(k_classes):
-        labels = torch.full((x.shape[0],), k, dtype=torch.long)
+        if memory:
+            labelled: Dataset = TensorDataset(x, torch.full((x.shape[0],), k, dtype=torch.long))
+        else:
+            labelled = Joined([(data, k)])
         part = fisher_diagonal(
-            _ClassWeightedLogits(model, k), TensorDataset(x, labels),
-            batch_size=batch_size, device=dev, dtype=dtype,
+            _ClassWeightedLogits(model, k), labelled,
+            batch_size=batch_size, device=dev, dtype=dtype, num_workers=num_workers,
         )
         for name, value in part.items():
             key = name[len(prefix):]
@@ -196,6 +208,15 @@ class FisherForgetting(Unlearner):
             neither alpha nor the form changes it. Keys or shapes that do not match the model
             raise ``ConfigurationError`` before any change. Default None.
         seed: seeds the noise.
+        num_workers: ``DataLoader`` workers for a D_f or D_r that is not in memory (an
+            execution option, not a hyperparameter: never recorded). Default 0.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs. Data in memory is
+    sliced as tensors; any other data set is read in its own order through a ``DataLoader``,
+    one batch in memory at a time, with the same result whatever ``num_workers``: the true
+    Fisher reads D_r once per class; with ``class_row="auto"`` D_f's labels are read once (one
+    pass keeping only the labels) and, when D_f is all of one class c, D_r's labels until the
+    first sample of class c (a whole pass when there is none, as in class forgetting).
 
     Timed region: the true Fisher on D_r (K per-sample-gradient passes over D_r for K classes) and
     the noise. ``info_`` holds ``noise_std_mean`` (mean noise standard deviation over all
@@ -209,6 +230,7 @@ class FisherForgetting(Unlearner):
         "Golatkar, Achille, Soatto, Eternal Sunshine of the Spotless Net: Selective Forgetting in "
         "Deep Networks, CVPR 2020"
     )
+    streams = True
 
     def __init__(
         self,
@@ -223,8 +245,12 @@ class FisherForgetting(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        check_loader_options(num_workers=num_workers, pin_memory=False,
+                             persistent_workers=False)
+        self.num_workers = num_workers
         check_positive(alpha=alpha, clamp=clamp, eps=eps, fisher_batch_size=fisher_batch_size)
         if retain_fisher is not None and not (
                 isinstance(retain_fisher, dict)
@@ -273,6 +299,9 @@ class FisherForgetting(Unlearner):
         return var
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
         if self.retain_fisher is not None:
             fisher = self.retain_fisher
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -284,11 +313,17 @@ class FisherForgetting(Unlearner):
                     "pass true_fisher_diagonal(model, retain) of this model")
         else:
             fisher = true_fisher_diagonal(
-                model, TensorDataset(xr, yr), batch_size=self.fisher_batch_size, device=device
+                model, retain, batch_size=self.fisher_batch_size, device=device,
+                num_workers=self.num_workers,
             )
-        k = _num_classes(model, xf, device)
+        k = _num_classes(model, first_input(forget), device)
         output = _output_layer_names(model, k)
-        forgotten = _whole_class(yf, yr) if self.class_row == "auto" else None
+        forgotten = None
+        if self.class_row == "auto":
+            if in_memory(forget) and in_memory(retain):
+                forgotten = _whole_class(as_tensors(forget)[1], as_tensors(retain)[1])
+            else:
+                forgotten = self._whole_class_data(forget, retain, k)
         gen = self.generator()
         total, count = 0.0, 0
         with torch.no_grad():
@@ -318,6 +353,20 @@ class FisherForgetting(Unlearner):
                 "overflows); lower alpha or clamp"
             )
         return model
+
+    def _whole_class_data(self, forget: Dataset, retain: Dataset, k: int) -> int | None:
+        """:func:`_whole_class` on data sets: D_f's labels read whole, D_r's batch by batch
+        until the first sample of D_f's class (only when D_f holds one class)."""
+        classes = torch.unique(labels_of(forget, label="forget set D_f",
+                                         num_workers=self.num_workers))
+        if classes.numel() != 1:
+            return None
+        c = int(classes[0])
+        for _, yb in ordered_batches(retain, batch_size=256, label="retain set D_r", classes=k,
+                                     num_workers=self.num_workers):
+            if bool((yb == c).any()):
+                return None
+        return c
 
     @classmethod
     def tuning_collaborators(cls, model: nn.Module, forget: Dataset, retain: Dataset, *,

@@ -215,6 +215,13 @@ class LCodec(Unlearner):
     batch, which is what this class does. Not reproduced: their revert of a batch whose step
     costs more than 5 points of validation accuracy (the method receives no validation set).
 
+    Data: D_f and D_r are read into memory as tensors first (``streams`` is False, unlike the
+    other baselines): every scrub step perturbs its whole forget batch ``n_perturbations`` times
+    and builds the Gauss-Newton matrix from a D_r subsample drawn anew, so the batch and the
+    subsample must be in memory at once, and with ``scrub_batch_size=0`` (all of D_f in one
+    step) or ``hessian_samples=0`` (all of D_r) that is a whole set. Reading only those subsets
+    per step would bound memory by ``scrub_batch_size`` and ``hessian_samples``; not done yet.
+
     Timed region: for every scrub batch, the perturbation passes, FOCI, the Gauss-Newton matrix
     and the forget gradient on the selected coordinates, and the solve. ``info_`` holds the units
     updated at least once (``selected``, as ``layer[index]``), the CODEC values of every

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError
 from deepclean.masking import BN_STATS
 from deepclean.methods._common import (
     OPTIMIZERS,
+    EpochBatches,
+    LoaderOptions,
     check_choice,
     check_fraction,
-    endless_batches,
     make_optimizer,
     set_train_mode,
+    streamed_classes,
 )
 from deepclean.methods.base import (
     Unlearner,
@@ -30,7 +32,7 @@ __all__ = ["NegGrad"]
 
 
 @register_method
-class NegGrad(Unlearner):
+class NegGrad(LoaderOptions, Unlearner):
     """NegGrad: maximise the cross-entropy of the forget set D_f by gradient ascent.
 
     Papers: gradient ascent on D_f as an unlearning baseline (Golatkar et al., "Eternal Sunshine
@@ -57,6 +59,15 @@ class NegGrad(Unlearner):
         batch_size: samples per D_f batch (and per D_r batch). Default 64.
         bn_stats: ``"update"`` (default) or ``"freeze"``.
         seed: seeds the shuffling of D_f and D_r (two independent streams).
+        num_workers, pin_memory, persistent_workers: ``DataLoader`` options for a D_f or D_r that
+            is not in memory (execution options, not hyperparameters: never recorded). Default
+            0, False, False.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs. Data in memory is
+    sliced as tensors; any other data set is read through a ``DataLoader`` afresh every epoch,
+    one batch in memory at a time, in the order the in-memory path draws from the same seed
+    (:class:`deepclean.data.datasets.ShuffledBatches`), so the same samples give the same model;
+    ``num_workers`` does not change it.
 
     The timed unlearning step is the whole training loop.
     """
@@ -67,6 +78,7 @@ class NegGrad(Unlearner):
         "Golatkar et al., CVPR 2020; Thudi et al., EuroS&P 2022; NegGrad+: Kurmanji et al., "
         "NeurIPS 2023"
     )
+    streams = True
 
     def __init__(
         self,
@@ -80,8 +92,12 @@ class NegGrad(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        self._set_loader_options(num_workers, pin_memory, persistent_workers)
         check_positive(lr=lr, batch_size=batch_size)
         check_non_negative_int(epochs=epochs, batch_size=batch_size)
         check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -100,33 +116,44 @@ class NegGrad(Unlearner):
         self.bn_stats = bn_stats
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
         model.to(device)
         if self.epochs == 0:
             return model
-        opt = make_optimizer(model.parameters(), self.optimizer, self.lr)
-        set_train_mode(model, self.bn_stats)
-        forget_gen = self.generator(0)
+        classes = streamed_classes(model, forget, retain, device)
+        options = self._loader_options()
+        forget_batches = EpochBatches(forget, batch_size=self.batch_size,
+                                      generator=self.generator(0), device=device,
+                                      label="forget set D_f", classes=classes, **options)
         retain_stream = (
-            endless_batches(xr, yr, batch_size=self.batch_size, generator=self.generator(1),
-                            device=device)
+            EpochBatches(retain, batch_size=self.batch_size, generator=self.generator(1),
+                         device=device, label="retain set D_r", classes=classes,
+                         **options).endless()
             if self.alpha > 0 else None
         )
-        steps = self.epochs * -(-xf.shape[0] // self.batch_size)
+        opt = make_optimizer(model.parameters(), self.optimizer, self.lr)
+        set_train_mode(model, self.bn_stats)
+        steps = self.epochs * len(forget_batches)
         bar = progress_bar(total=steps, desc=self.name, enabled=self.progress)
         last_forget_loss = float("nan")
-        for _ in range(self.epochs):
-            for _, xb, yb in iterate_batches(xf, yf, batch_size=self.batch_size, shuffle=True,
-                                             generator=forget_gen, device=device):
-                forget_loss = nn.functional.cross_entropy(model(xb), yb)
-                loss = -(1.0 - self.alpha) * forget_loss
-                if retain_stream is not None:
-                    _, xrb, yrb = next(retain_stream)
-                    loss = loss + self.alpha * nn.functional.cross_entropy(model(xrb), yrb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                last_forget_loss = float(forget_loss.detach())
-                bar.update(1)
+        try:
+            for _ in range(self.epochs):
+                for xb, yb in forget_batches.epoch():
+                    forget_loss = nn.functional.cross_entropy(model(xb), yb)
+                    loss = -(1.0 - self.alpha) * forget_loss
+                    if retain_stream is not None:
+                        xrb, yrb = next(retain_stream)
+                        loss = loss + self.alpha * nn.functional.cross_entropy(model(xrb), yrb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    last_forget_loss = float(forget_loss.detach())
+                    bar.update(1)
+        finally:
+            if retain_stream is not None:
+                retain_stream.close()  # ends the DataLoader of the epoch it was in
         bar.close()
         self.info_.update(steps=steps, last_forget_loss=last_forget_loss)
         return model

@@ -4,10 +4,20 @@ together with D_r."""
 from __future__ import annotations
 
 import torch
+from torch.utils.data import Dataset, TensorDataset
 
+from deepclean.data.datasets import as_tensors, in_memory
 from deepclean.errors import DataError
 from deepclean.masking import BN_STATS, masked_finetune
-from deepclean.methods._common import check_choice, check_labels, num_classes_of
+from deepclean.methods._common import (
+    Joined,
+    LoaderOptions,
+    check_choice,
+    check_labels,
+    first_input,
+    labels_of,
+    num_classes_of,
+)
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
@@ -129,8 +139,34 @@ def relabelled_union(
     return x, y, new
 
 
+def relabelled_union_data(
+    model: torch.nn.Module,
+    forget: Dataset,
+    retain: Dataset,
+    generator: torch.Generator,
+    device: torch.device,
+    *,
+    forget_labels: torch.Tensor | None = None,
+    num_workers: int = 0,
+) -> tuple[Dataset, torch.Tensor]:
+    """:func:`relabelled_union` for data sets not in memory: ``(union, new_forget_labels)``, the
+    union a ``Dataset`` of D_f with its new labels followed by D_r, never read whole (the same
+    samples and labels, in the same order, as the tensors of :func:`relabelled_union`).
+
+    The new labels need D_f's labels (their mix sets the wrong-label distribution): given as
+    ``forget_labels``, or read in one streamed pass that keeps only the labels. D_r's labels
+    are checked batch by batch as the fine-tune reads them.
+    """
+    num_classes = num_classes_of(model, first_input(forget), device)
+    yf = forget_labels if forget_labels is not None else labels_of(
+        forget, label="forget set D_f", num_workers=num_workers)
+    check_labels(yf, num_classes, "forget set D_f")
+    new = random_wrong_labels(yf, num_classes, generator)
+    return Joined([(forget, new), (retain, None)]), new
+
+
 @register_method
-class RandomLabel(Unlearner):
+class RandomLabel(LoaderOptions, Unlearner):
     """RandomLabel: fine-tune on D_f relabelled with random wrong labels together with D_r.
 
     Paper: Graves, Nagisetty, Ganesh, "Amnesiac Machine Learning", AAAI 2021 (the "unlearning"
@@ -153,6 +189,16 @@ class RandomLabel(Unlearner):
         batch_size: samples per step. Default 128.
         bn_stats: ``"update"`` (default) or ``"freeze"``.
         seed: seeds the labels (stream 1) and the shuffling (stream 0).
+        num_workers, pin_memory, persistent_workers: ``DataLoader`` options for a D_f or D_r that
+            is not in memory (execution options, not hyperparameters: never recorded). Default
+            0, False, False.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs. When both are in
+    memory they are sliced as tensors; otherwise D_f's labels are read once (one pass that keeps
+    only the labels, to draw the new ones) and the union of relabelled D_f and D_r is read
+    through a ``DataLoader`` afresh every epoch, one batch in memory at a time, in the order the
+    in-memory path draws from the same seed (:func:`relabelled_union_data`): the same samples
+    give the same model, and ``num_workers`` does not change it.
 
     After :meth:`unlearn`, ``info_["n_relabelled"]`` is the size of D_f.
     """
@@ -160,6 +206,7 @@ class RandomLabel(Unlearner):
     name = "random_label"
     summary = "Fine-tune on D_f with random wrong labels together with D_r"
     reference = "Graves et al., Amnesiac Machine Learning, AAAI 2021"
+    streams = True
 
     def __init__(
         self,
@@ -171,8 +218,12 @@ class RandomLabel(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        self._set_loader_options(num_workers, pin_memory, persistent_workers)
         check_positive(lr=lr, batch_size=batch_size)
         check_non_negative_int(epochs=epochs, batch_size=batch_size)
         check_choice("bn_stats", bn_stats, BN_STATS)
@@ -182,12 +233,22 @@ class RandomLabel(Unlearner):
         self.bn_stats = bn_stats
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
-        x, y, new = relabelled_union(model, xf, yf, xr, yr, self.generator(1), device)
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
+        if in_memory(forget) and in_memory(retain):
+            (xf, yf), (xr, yr) = as_tensors(forget), as_tensors(retain)
+            x, y, new = relabelled_union(model, xf, yf, xr, yr, self.generator(1), device)
+            data: torch.Tensor | Dataset = x
+        else:
+            data, new = relabelled_union_data(model, forget, retain, self.generator(1), device,
+                                              num_workers=self.num_workers)
+            y = None
         self.info_.update(n_relabelled=int(new.numel()))
         return masked_finetune(
-            model, None, x, y, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+            model, None, data, y, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator(0), device=device, bn_stats=self.bn_stats,
-            desc=self.name, progress=self.progress,
+            desc=self.name, progress=self.progress, **self._loader_options(),
         )
 
     @classmethod

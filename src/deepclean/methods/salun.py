@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
-from deepclean.data.datasets import iterate_batches
+from deepclean.data.datasets import as_tensors, in_memory, iterate_batches
 from deepclean.masking import BN_STATS, masked_finetune
-from deepclean.methods._common import check_choice, check_fraction
+from deepclean.methods._common import (
+    LoaderOptions,
+    check_choice,
+    check_fraction,
+    first_input,
+    num_classes_of,
+    ordered_batches,
+)
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
     check_positive,
     register_method,
 )
-from deepclean.methods.random_label import relabelled_union
+from deepclean.methods.random_label import relabelled_union, relabelled_union_data
 from deepclean.methods.space import IntRange, LogUniform, Param, SpaceContext, Uniform
 from deepclean.selection import mask_summary
 
@@ -43,14 +51,20 @@ def saliency_mask(
         ``{name: bool tensor}`` over the model's trainable parameters (True = salient, trained).
     """
     check_fraction("ratio", ratio)
-    device = torch.device(device)
+    batches = ((xb, yb) for _, xb, yb in iterate_batches(x, y, batch_size=batch_size))
+    return _saliency(model, batches, x.shape[0], ratio, torch.device(device))
+
+
+def _saliency(model: nn.Module, batches, n_total: int, ratio: float,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """:func:`saliency_mask` from ``(x, y)`` batches in order (of ``n_total`` samples in all)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     was_training = model.training
     model.eval()
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    n_total = x.shape[0]
     try:
-        for _, xb, yb in iterate_batches(x, y, batch_size=batch_size, device=device):
+        for xb, yb in batches:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             loss = nn.functional.cross_entropy(model(xb), yb, reduction="sum") / n_total
             batch_grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (name, _), g in zip(params.items(), batch_grads):
@@ -72,7 +86,7 @@ def saliency_mask(
 
 
 @register_method
-class SalUn(Unlearner):
+class SalUn(LoaderOptions, Unlearner):
     """SalUn: saliency-guided random-label unlearning; only the salient weights move.
 
     Paper: Fan, Liu, Zhang, Wei, Wong, Liu, "SalUn: Empowering Machine Unlearning via Gradient-based
@@ -98,6 +112,16 @@ class SalUn(Unlearner):
         grad_batch_size: batch size of the saliency pass (does not change the result). Default 256.
         bn_stats: ``"update"`` (default) or ``"freeze"``.
         seed: seeds the labels (stream 1) and the shuffling (stream 0).
+        num_workers, pin_memory, persistent_workers: ``DataLoader`` options for a D_f or D_r that
+            is not in memory (execution options, not hyperparameters: never recorded). Default
+            0, False, False.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs. When both are in
+    memory they are sliced as tensors; otherwise the saliency pass reads D_f once in its own
+    order (keeping only its labels, for the new ones) and the fine-tune reads the union of
+    relabelled D_f and D_r through a ``DataLoader`` afresh every epoch, one batch in memory at a
+    time, in the order the in-memory path draws from the same seed: the same samples give the
+    same model, and ``num_workers`` does not change it.
 
     After :meth:`unlearn`, ``mask_`` is the saliency map and ``info_`` holds ``n_salient``,
     ``n_weights`` and ``share_salient``.
@@ -106,6 +130,7 @@ class SalUn(Unlearner):
     name = "salun"
     summary = "Random-label fine-tune of only the weights most salient to the forget loss"
     reference = "Fan et al., SalUn, ICLR 2024"
+    streams = True
 
     def __init__(
         self,
@@ -119,8 +144,12 @@ class SalUn(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        self._set_loader_options(num_workers, pin_memory, persistent_workers)
         check_fraction("saliency_ratio", saliency_ratio)
         check_positive(lr=lr, batch_size=batch_size, grad_batch_size=grad_batch_size)
         check_non_negative_int(epochs=epochs, batch_size=batch_size,
@@ -135,17 +164,41 @@ class SalUn(Unlearner):
         self.mask_: dict[str, torch.Tensor] | None = None
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
         model.to(device)
-        mask = saliency_mask(model, xf, yf, ratio=self.saliency_ratio,
-                             batch_size=self.grad_batch_size, device=device)
+        memory = in_memory(forget) and in_memory(retain)
+        if memory:
+            (xf, yf), (xr, yr) = as_tensors(forget), as_tensors(retain)
+            mask = saliency_mask(model, xf, yf, ratio=self.saliency_ratio,
+                                 batch_size=self.grad_batch_size, device=device)
+        else:  # one pass over D_f: the saliency, and its labels kept for the new ones
+            classes = num_classes_of(model, first_input(forget), device)
+            labels: list[torch.Tensor] = []
+
+            def recorded():
+                for xb, yb in ordered_batches(forget, batch_size=self.grad_batch_size,
+                                              label="forget set D_f", classes=classes,
+                                              num_workers=self.num_workers):
+                    labels.append(yb)
+                    yield xb, yb
+
+            mask = _saliency(model, recorded(), len(forget), self.saliency_ratio, device)
         self.mask_ = mask
         selected, total = mask_summary(mask)
         self.info_.update(n_salient=selected, n_weights=total, share_salient=selected / total)
-        x, y, _ = relabelled_union(model, xf, yf, xr, yr, self.generator(1), device)
+        if memory:
+            x, y, _ = relabelled_union(model, xf, yf, xr, yr, self.generator(1), device)
+            data: torch.Tensor | Dataset = x
+        else:
+            data, _ = relabelled_union_data(model, forget, retain, self.generator(1), device,
+                                            forget_labels=torch.cat(labels))
+            y = None
         return masked_finetune(
-            model, mask, x, y, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+            model, mask, data, y, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator(0), device=device, bn_stats=self.bn_stats,
-            desc=self.name, progress=self.progress,
+            desc=self.name, progress=self.progress, **self._loader_options(),
         )
 
     @classmethod

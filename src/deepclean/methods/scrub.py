@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError
 from deepclean.masking import BN_STATS
-from deepclean.methods._common import check_choice, frozen_copy, set_train_mode
+from deepclean.methods._common import (
+    EpochBatches,
+    LoaderOptions,
+    check_choice,
+    frozen_copy,
+    set_train_mode,
+    streamed_classes,
+)
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
@@ -24,7 +31,7 @@ __all__ = ["SCRUB"]
 
 
 @register_method
-class SCRUB(Unlearner):
+class SCRUB(LoaderOptions, Unlearner):
     """SCRUB: alternate max-steps on D_f and min-steps on D_r against a frozen teacher.
 
     Paper: Kurmanji, Triantafillou, Hayes, Triantafillou, "Towards Unbounded Machine Unlearning",
@@ -57,11 +64,20 @@ class SCRUB(Unlearner):
         forget_batch_size: D_f batch size. Default 32.
         bn_stats: ``"update"`` (default) or ``"freeze"`` for the student.
         seed: seeds the shuffling of D_f (stream 0) and D_r (stream 1).
+        num_workers, pin_memory, persistent_workers: ``DataLoader`` options for a D_f or D_r that
+            is not in memory (execution options, not hyperparameters: never recorded). Default
+            0, False, False.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs; one that is not in
+    memory is read through a ``DataLoader`` afresh in every pass, one batch in memory at a time,
+    in the order the in-memory path draws from the same seed (the same samples give the same
+    model; ``num_workers`` does not change it).
     """
 
     name = "scrub"
     summary = "Student maximises KL to the original model on D_f, minimises KL + CE on D_r"
     reference = "Kurmanji et al., Towards Unbounded Machine Unlearning, NeurIPS 2023"
+    streams = True
 
     def __init__(
         self,
@@ -80,8 +96,12 @@ class SCRUB(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        self._set_loader_options(num_workers, pin_memory, persistent_workers)
         check_positive(lr=lr, temperature=temperature, batch_size=batch_size,
                        forget_batch_size=forget_batch_size)
         check_non_negative_int(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
@@ -106,31 +126,38 @@ class SCRUB(Unlearner):
         self.bn_stats = bn_stats
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
         model.to(device)
         if self.epochs == 0:
             return model
+        classes = streamed_classes(model, forget, retain, device)
+        options = self._loader_options()
+        forget_batches = EpochBatches(forget, batch_size=self.forget_batch_size,
+                                      generator=self.generator(0), device=device,
+                                      label="forget set D_f", classes=classes, **options)
+        retain_batches = EpochBatches(retain, batch_size=self.batch_size,
+                                      generator=self.generator(1), device=device,
+                                      label="retain set D_r", classes=classes, **options)
         teacher = frozen_copy(model)
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         set_train_mode(model, self.bn_stats)
         t = self.temperature
-        forget_gen, retain_gen = self.generator(0), self.generator(1)
         n_max = min(self.max_steps, self.epochs)
-        steps = (n_max * -(-xf.shape[0] // self.forget_batch_size)
-                 + self.epochs * -(-xr.shape[0] // self.batch_size))
+        steps = n_max * len(forget_batches) + self.epochs * len(retain_batches)
         bar = progress_bar(total=steps, desc=self.name, enabled=self.progress)
         for epoch in range(self.epochs):
             if epoch < self.max_steps:
-                for _, xb, _ in iterate_batches(xf, yf, batch_size=self.forget_batch_size,
-                                                shuffle=True, generator=forget_gen, device=device):
+                for xb, _ in forget_batches.epoch():
                     targets = teacher_probabilities(teacher, xb, t)
                     loss = -(t * t) * distillation_kl(model(xb), targets, t)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     bar.update(1)
-            for _, xb, yb in iterate_batches(xr, yr, batch_size=self.batch_size, shuffle=True,
-                                             generator=retain_gen, device=device):
+            for xb, yb in retain_batches.epoch():
                 targets = teacher_probabilities(teacher, xb, t)
                 logits = model(xb)
                 loss = (self.alpha * (t * t) * distillation_kl(logits, targets, t)

@@ -3,13 +3,12 @@ Can Simplify Machine Unlearning", NeurIPS 2023)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from deepclean.data.datasets import iterate_batches
 from deepclean.errors import ConfigurationError
+from deepclean.methods._common import EpochBatches, LoaderOptions, streamed_classes
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
@@ -31,7 +30,7 @@ def l1_strength(gamma: float, step: int, total_steps: int) -> float:
 
 
 @register_method
-class SparseMU(Unlearner):
+class SparseMU(LoaderOptions, Unlearner):
     """Sparse MU ("l1-sparse" unlearning, Jia et al., NeurIPS 2023): fine-tune on D_r with the loss
 
         CE(model(x), y) + gamma_t * ||w||_1,   gamma_t = gamma * (1 - t / T)
@@ -51,6 +50,14 @@ class SparseMU(Unlearner):
         weight_decay: L2 weight decay of the optimiser. Default 5e-4 (the authors' code).
         batch_size: samples per step. Default 128.
         seed: seeds the shuffling.
+        num_workers, pin_memory, persistent_workers: ``DataLoader`` options for a D_f or D_r that
+            is not in memory (execution options, not hyperparameters: never recorded). Default
+            0, False, False.
+
+    Data: D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs; one that is not in memory is
+    read through a ``DataLoader`` afresh every epoch, one batch in memory at a time, in the order
+    the in-memory path draws from the same seed (the same samples give the same model;
+    ``num_workers`` does not change it).
 
     Timed region: the whole fine-tune. D_f is not used. ``info_`` holds ``steps`` and the final
     ``l1_norm`` of the weights.
@@ -61,6 +68,7 @@ class SparseMU(Unlearner):
     reference = (
         "Jia et al., Model Sparsity Can Simplify Machine Unlearning, NeurIPS 2023 (l1-sparse MU)"
     )
+    streams = True
 
     def __init__(
         self,
@@ -75,8 +83,12 @@ class SparseMU(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        self._set_loader_options(num_workers, pin_memory, persistent_workers)
         check_positive(gamma=gamma, lr=lr, batch_size=batch_size)
         check_non_negative_int(epochs=epochs, batch_size=batch_size)
         if optimizer not in OPTIMIZERS:
@@ -95,6 +107,13 @@ class SparseMU(Unlearner):
         self.batch_size = batch_size
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
+        batches = EpochBatches(retain, batch_size=self.batch_size, generator=self.generator(),
+                               device=device, label="retain set D_r",
+                               classes=streamed_classes(model, forget, retain, device),
+                               **self._loader_options())
         params = [p for p in model.parameters() if p.requires_grad]
         if self.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -102,14 +121,12 @@ class SparseMU(Unlearner):
             )
         else:
             opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        total = self.epochs * math.ceil(xr.shape[0] / self.batch_size)
-        gen = self.generator()
+        total = self.epochs * len(batches)
         step = 0
         model.train()
         bar = progress_bar(total=total, desc=self.name, enabled=self.progress)
         for _ in range(self.epochs):
-            for _, xb, yb in iterate_batches(xr, yr, batch_size=self.batch_size, shuffle=True,
-                                             generator=gen, device=device):
+            for xb, yb in batches.epoch():
                 strength = l1_strength(self.gamma, step, total)
                 l1 = torch.stack([p.abs().sum() for p in params]).sum()
                 loss = nn.functional.cross_entropy(model(xb), yb) + strength * l1

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
+from deepclean.data.datasets import as_tensors, check_loader_options, in_memory
 from deepclean.errors import ConfigurationError
 from deepclean.fisher.diagonal import eval_mode, fisher_diagonal
+from deepclean.methods._common import Joined, first_input, num_classes_of, ordered_batches
 from deepclean.methods.base import (
     Unlearner,
     check_positive,
@@ -44,23 +46,34 @@ def dampening_factors(
 
 
 def batch_mean_importance(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, device: torch.device
+    model: nn.Module, x: torch.Tensor | Dataset, y: torch.Tensor | None = None, *,
+    batch_size: int, device: torch.device, num_workers: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The SSD authors' importance: over consecutive mini-batches of ``batch_size`` (the last one
     may be smaller), the square of the gradient of the *batch-mean* cross-entropy, averaged over
     the number of batches (their ``ParameterPerturber.calc_importance``). BatchNorm and dropout run
     in eval mode. Unlike the per-sample Fisher it depends on the batch size.
 
+    ``x`` and ``y`` are tensors, or ``x`` is a ``Dataset`` of ``(x, y)`` pairs (``y=None``): one
+    in memory is sliced, any other read in its own order through a ``DataLoader`` with
+    ``num_workers`` workers, one batch in memory at a time (the same batches, the same result).
+
     Returns:
         ``{parameter name: tensor of the parameter's shape}`` (float32 on ``device``).
     """
+    if isinstance(x, torch.Tensor):
+        batches = ((x[start:start + batch_size], y[start:start + batch_size])
+                   for start in range(0, x.shape[0], batch_size))
+    else:
+        classes = None if in_memory(x) else num_classes_of(model, first_input(x), device)
+        batches = ordered_batches(x, batch_size=batch_size, label="data set", classes=classes,
+                                  num_workers=num_workers)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     totals = {n: torch.zeros_like(p) for n, p in params.items()}
     n_batches = 0
     with eval_mode(model), torch.enable_grad():
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start:start + batch_size].to(device)
-            yb = y[start:start + batch_size].to(device)
+        for xb, yb in batches:
+            xb, yb = xb.to(device), yb.to(device)
             loss = nn.functional.cross_entropy(model(xb), yb)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), grads, strict=True):
@@ -103,6 +116,14 @@ class SSD(Unlearner):
         fisher_batch_size: batch size of the per-sample Fisher passes (does not change the
             result). Default 256.
         seed: unused (SSD is deterministic); kept for the common interface.
+        num_workers: ``DataLoader`` workers for a D_f or D_r that is not in memory (an
+            execution option, not a hyperparameter: never recorded). Default 0.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs. Data in memory is
+    sliced as tensors; any other data set is read in its own order through a ``DataLoader``,
+    one batch in memory at a time (the reference set ``"full"`` as D_r followed by D_f, the
+    authors' order, batches spanning the seam as in memory): the same samples give the same
+    result, whatever ``num_workers``. Each importance pass reads its set once.
 
     Raises (from :meth:`unlearn`, before any work):
         ConfigurationError: ``importance="per_sample"``, ``reference_set="full"`` and
@@ -118,6 +139,7 @@ class SSD(Unlearner):
         "Foster, Schoepf, Brintrup, Fast Machine Unlearning without Retraining through Selective "
         "Synaptic Dampening, AAAI 2024"
     )
+    streams = True
 
     def __init__(
         self,
@@ -131,8 +153,12 @@ class SSD(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        check_loader_options(num_workers=num_workers, pin_memory=False,
+                             persistent_workers=False)
+        self.num_workers = num_workers
         check_positive(alpha=alpha, lam=lam, fisher_batch_size=fisher_batch_size)
         check_positive_int(importance_batch_size=importance_batch_size)
         if reference_set not in REFERENCE_SETS:
@@ -168,29 +194,37 @@ class SSD(Unlearner):
                 "reference_set='retain'"
             )
 
-    def _importances(self, model, xf, yf, xr, yr, device):
+    def _importances(self, model, forget, retain, device):
         if self.importance == "batch_mean":
-            imp_f = batch_mean_importance(model, xf, yf, batch_size=self.importance_batch_size,
-                                          device=device)
-            if self.reference_set == "full":  # the authors' loader: D_r then D_f
-                x_d, y_d = torch.cat([xr, xf]), torch.cat([yr, yf])
-            else:
-                x_d, y_d = xr, yr
-            imp_d = batch_mean_importance(model, x_d, y_d, batch_size=self.importance_batch_size,
-                                          device=device)
-            return imp_f, imp_d
-        imp_f = fisher_diagonal(model, TensorDataset(xf, yf), batch_size=self.fisher_batch_size,
-                                device=device)
-        imp_r = fisher_diagonal(model, TensorDataset(xr, yr), batch_size=self.fisher_batch_size,
-                                device=device)
+            kwargs = {"batch_size": self.importance_batch_size, "device": device,
+                      "num_workers": self.num_workers}
+            if in_memory(forget) and in_memory(retain):
+                (xf, yf), (xr, yr) = as_tensors(forget), as_tensors(retain)
+                imp_f = batch_mean_importance(model, xf, yf, **kwargs)
+                if self.reference_set == "full":  # the authors' loader: D_r then D_f
+                    x_d, y_d = torch.cat([xr, xf]), torch.cat([yr, yf])
+                else:
+                    x_d, y_d = xr, yr
+                return imp_f, batch_mean_importance(model, x_d, y_d, **kwargs)
+            imp_f = batch_mean_importance(model, forget, **kwargs)
+            data = Joined([(retain, None), (forget, None)]) if self.reference_set == "full" \
+                else retain
+            return imp_f, batch_mean_importance(model, data, **kwargs)
+        kwargs = {"batch_size": self.fisher_batch_size, "device": device,
+                  "num_workers": self.num_workers}
+        imp_f = fisher_diagonal(model, forget, **kwargs)
+        imp_r = fisher_diagonal(model, retain, **kwargs)
         if self.reference_set == "retain":
             return imp_f, imp_r
-        n_f, n_r = xf.shape[0], xr.shape[0]
+        n_f, n_r = len(forget), len(retain)
         return imp_f, {k: (n_r * imp_r[k] + n_f * imp_f[k]) / (n_r + n_f) for k in imp_f}
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
-        self.check_bound(xf.shape[0], xr.shape[0])
-        imp_f, imp_d = self._importances(model, xf, yf, xr, yr, device)
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
+        self.check_bound(len(forget), len(retain))
+        imp_f, imp_d = self._importances(model, forget, retain, device)
         dampened, total = 0, 0
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -7,11 +7,20 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-from deepclean.data.datasets import iterate_batches
+from deepclean.data.datasets import as_tensors, in_memory
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.masking import BN_STATS
-from deepclean.methods._common import check_choice, check_fraction, frozen_copy, set_train_mode
+from deepclean.methods._common import (
+    EpochBatches,
+    Joined,
+    LoaderOptions,
+    check_choice,
+    check_fraction,
+    frozen_copy,
+    set_train_mode,
+)
 from deepclean.methods.base import (
     Unlearner,
     check_non_negative_int,
@@ -60,7 +69,7 @@ def bad_teacher_targets(
 
 
 @register_method
-class BadTeacher(Unlearner):
+class BadTeacher(LoaderOptions, Unlearner):
     """Bad Teacher: a student copy of the model distils a competent and an incompetent teacher.
 
     Paper: Chundawat, Tarun, Mandal, Kankanhalli, "Can Bad Teaching Induce Forgetting? Unlearning in
@@ -93,12 +102,23 @@ class BadTeacher(Unlearner):
             re-initialisation (it is copied, never modified). Default None.
         bn_stats: ``"update"`` (default) or ``"freeze"`` for the student.
         seed: seeds the incompetent teacher, the retain subset and the shuffling.
+        num_workers, pin_memory, persistent_workers: ``DataLoader`` options for a D_f or D_r that
+            is not in memory (execution options, not hyperparameters: never recorded). Default
+            0, False, False.
+
+    Data: D_f and D_r may be any map-style ``Dataset`` of ``(x, y)`` pairs (the labels are not
+    used). When both are in memory they are sliced as tensors; otherwise D_f and the retain
+    subset are read through one ``DataLoader`` afresh every epoch (their union in the order of
+    the in-memory concatenation, each sample's teacher flag attached), one batch in memory at a
+    time, in the order the in-memory path draws from the same seed: the same samples give the
+    same model, and ``num_workers`` does not change it.
     """
 
     name = "teacher"
     summary = "Distil D_r from the original model and D_f from a random (incompetent) teacher"
     reference = "Chundawat et al., Can Bad Teaching Induce Forgetting?, AAAI 2023"
     collaborators = ("incompetent_teacher",)
+    streams = True
 
     def __init__(
         self,
@@ -113,8 +133,12 @@ class BadTeacher(Unlearner):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         super().__init__(seed=seed, device=device, progress=progress)
+        self._set_loader_options(num_workers, pin_memory, persistent_workers)
         check_positive(lr=lr, batch_size=batch_size, temperature=temperature)
         check_non_negative_int(epochs=epochs, batch_size=batch_size)
         check_fraction("retain_fraction", retain_fraction)
@@ -133,6 +157,9 @@ class BadTeacher(Unlearner):
         self.bn_stats = bn_stats
 
     def _unlearn(self, model, xf, yf, xr, yr, device):
+        return self._unlearn_data(model, TensorDataset(xf, yf), TensorDataset(xr, yr), device)
+
+    def _unlearn_data(self, model, forget, retain, device):
         model.to(device)
         competent = frozen_copy(model)
         if self.incompetent_teacher is not None:
@@ -140,22 +167,29 @@ class BadTeacher(Unlearner):
         else:
             fresh = reinitialise(copy.deepcopy(model), self.seed * 1_000_003 + 3)
             incompetent = frozen_copy(fresh)
-        n_keep = max(1, int(round(self.retain_fraction * xr.shape[0])))
-        keep = torch.randperm(xr.shape[0], generator=self.generator(2))[:n_keep].sort().values
-        x = torch.cat([xf, xr[keep.to(xr.device)].to(xf.device)])
-        flag = torch.cat([torch.ones(xf.shape[0], dtype=torch.long),
-                          torch.zeros(n_keep, dtype=torch.long)]).to(xf.device)
-        self.info_.update(n_forget=int(xf.shape[0]), n_retain_used=n_keep)
+        n_forget, n_retain = len(forget), len(retain)
+        n_keep = max(1, int(round(self.retain_fraction * n_retain)))
+        keep = torch.randperm(n_retain, generator=self.generator(2))[:n_keep].sort().values
+        if in_memory(forget) and in_memory(retain):
+            (xf, _), (xr, _) = as_tensors(forget), as_tensors(retain)
+            x = torch.cat([xf, xr[keep.to(xr.device)].to(xf.device)])
+            flag = torch.cat([torch.ones(n_forget, dtype=torch.long),
+                              torch.zeros(n_keep, dtype=torch.long)]).to(xf.device)
+            union: Dataset = TensorDataset(x, flag)
+        else:  # D_f then the retain subset, each sample flagged 1 (D_f) or 0 (D_r)
+            union = Joined([(forget, 1), (Subset(retain, keep.tolist()), 0)])
+        self.info_.update(n_forget=n_forget, n_retain_used=n_keep)
         if self.epochs == 0:
             return model
+        batches = EpochBatches(union, batch_size=self.batch_size, generator=self.generator(0),
+                               device=device, label="D_f and the retain subset",
+                               **self._loader_options())
         opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=0.0)
         set_train_mode(model, self.bn_stats)
-        gen = self.generator(0)
-        steps = self.epochs * -(-x.shape[0] // self.batch_size)
+        steps = self.epochs * len(batches)
         bar = progress_bar(total=steps, desc=self.name, enabled=self.progress)
         for _ in range(self.epochs):
-            for _, xb, fb in iterate_batches(x, flag, batch_size=self.batch_size, shuffle=True,
-                                             generator=gen, device=device):
+            for xb, fb in batches.epoch():
                 targets = bad_teacher_targets(competent, incompetent, xb, fb.bool(),
                                               temperature=self.temperature)
                 loss = distillation_kl(model(xb), targets, self.temperature)

@@ -313,7 +313,8 @@ def forgetting_verdict(
         DataError: empty sets, labels the model cannot output, or a class of D_f with no held-out
             sample.
         ConfigurationError: an unknown ``scenario``, a tolerance that is not a number > 0, a bad
-            ``seed`` or ``batch_size``.
+            ``seed``, ``batch_size`` or loader option; ``distributed=True`` without a process
+            group, or under one, ranks that passed data sets of different lengths.
     """
     if scenario not in SCENARIOS:
         raise ConfigurationError(f"scenario must be one of {SCENARIOS}, got {scenario!r}; pass "

@@ -90,7 +90,8 @@ def evaluate_model(
 
     Raises:
         ConfigurationError: a tensor ``x_*`` without its labels, or a ``Dataset`` with them.
-        DataError: empty or malformed data (see :func:`deepclean.evaluation.metrics.predict_logits`).
+        DataError: empty or malformed data (see
+            :func:`deepclean.evaluation.metrics.predict_logits`).
     """
     options = dict(device=device, precision=precision, num_workers=num_workers,
                    pin_memory=pin_memory, distributed=distributed)

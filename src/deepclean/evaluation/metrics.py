@@ -33,24 +33,6 @@ from deepclean.precision import autocast
 __all__ = ["predict_logits", "predict_proba", "sample_logits", "dataset_labels", "accuracy",
            "entropy", "entropy_mia", "membership_attack"]
 
-_LOADING = """
-    Data: a tensor of inputs ``(N, ...)`` (sliced directly), a ``TensorDataset`` of ``(x, y)`` or a
-    ``Subset`` of one (sliced directly, the same numbers as its tensors), or any other map-style
-    ``Dataset`` of ``(x, y)`` pairs, read through a ``DataLoader`` in the data set's own order
-    (``num_workers``, ``pin_memory``), so memory holds one batch of inputs at a time; the outputs
-    are in the data set's order either way.
-
-    Under ``torch.distributed`` (``distributed=None`` and an initialised process group of more
-    than one rank, or ``distributed=True``) every rank must pass the same model and the same
-    *whole* data: rank r computes only its contiguous block
-    :func:`deepclean.distributed.shard_indices` (no padding: every sample exactly once; blocks
-    may differ by one, some may be empty), and the per-sample rows are all-gathered in data-set
-    order (:func:`deepclean.distributed.all_gather_rows`), so every rank returns the whole
-    ``(N, ...)`` result, equal to one process's up to rounding. A failure on one rank raises on
-    every rank. ``distributed=False``: every rank computes everything alone.
-"""
-
-
 def _check_batch_size(batch_size: Any) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}; e.g. 1000")
@@ -69,7 +51,8 @@ def _per_sample(
     distributed: bool | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(logits (N, K) float32 CPU or None without a model, labels (N,) int64 CPU or None for a
-    tensor of inputs)``; sharded and gathered under a process group (see ``_LOADING``)."""
+    tensor of inputs)``; sharded and gathered under a process group (see
+    :func:`predict_logits`)."""
     _check_batch_size(batch_size)
     check_loader_options(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
     sharded = use_distributed(distributed)
@@ -138,7 +121,22 @@ def predict_logits(
     (:func:`deepclean.precision.autocast`) and the logits are converted to float32; so are those
     computed inside an autocast context of the caller. The model's modes are restored afterwards.
     ``batch_size`` samples per forward pass (the result does not depend on it beyond rounding).
-    """ + _LOADING + """
+
+    Data: a tensor of inputs ``(N, ...)`` (sliced directly), a ``TensorDataset`` of ``(x, y)`` or a
+    ``Subset`` of one (sliced directly, the same numbers as its tensors), or any other map-style
+    ``Dataset`` of ``(x, y)`` pairs, read through a ``DataLoader`` in the data set's own order
+    (``num_workers``, ``pin_memory``), so memory holds one batch of inputs at a time; the outputs
+    are in the data set's order either way.
+
+    Under ``torch.distributed`` (``distributed=None`` and an initialised process group of more
+    than one rank, or ``distributed=True``) every rank must pass the same model and the same
+    *whole* data: rank r computes only its contiguous block
+    :func:`deepclean.distributed.shard_indices` (no padding: every sample exactly once; blocks
+    may differ by one, some may be empty), and the per-sample rows are all-gathered in data-set
+    order (:func:`deepclean.distributed.all_gather_rows`), so every rank returns the whole
+    ``(N, ...)`` result, equal to one process's up to rounding. A failure on one rank raises on
+    every rank. ``distributed=False``: every rank computes everything alone.
+
     Raises:
         ConfigurationError: ``precision`` is not ``"fp32"`` or ``"bf16"``; ``batch_size`` not an
             int >= 1; bad loader options; ``distributed=True`` without a process group; under
@@ -158,8 +156,9 @@ def sample_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, K)`` (float32, CPU) and labels ``(N,)`` (int64, CPU) of a ``Dataset`` of
     ``(x, y)`` pairs, row ``i`` for sample ``i``: one pass over the data (options as
-    :func:`predict_logits`).
-    """ + _LOADING + """
+    :func:`predict_logits`). Data, streaming and ``torch.distributed``: as
+    :func:`predict_logits`.
+
     Raises:
         DataError: ``data`` is a tensor (pass ``TensorDataset(x, y)``), not a sized Dataset, or
             empty; an item that is not an ``(x, y)`` pair with an integer label.

@@ -41,6 +41,7 @@ __all__ = [
     "use_distributed",
     "all_reduce_sum_",
     "all_gather_ints",
+    "all_gather_rows",
     "error_code",
     "raise_if_any_rank_failed",
     "barrier",
@@ -201,6 +202,96 @@ def all_gather_ints(values: Sequence[int]) -> torch.Tensor:
     table = torch.zeros(_own_world_size(), len(values), dtype=torch.int64)
     table[_own_rank()] = torch.tensor(values, dtype=torch.int64)
     return all_reduce_sum_(table)
+
+
+# dtypes that all_gather_rows can carry (its metadata names them by position)
+_ROW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+_ROW_MAX_DIMS = 6
+
+
+def all_gather_rows(rows: torch.Tensor | None, *, error: BaseException | None = None,
+                    total: int | None = None, what: str) -> torch.Tensor:
+    """Every rank's ``rows`` concatenated in rank order, on every rank.
+
+    With each rank passing the rows of its block :func:`shard_indices` ``(n)`` (contiguous and
+    ascending with the rank), the result holds the rows of ``range(n)`` in order: every sample
+    exactly once, no padding left in it. The blocks may differ in size (``n`` not divisible by
+    the world size; some ranks may own nothing).
+
+    A collective: every rank must call it, also a rank that failed (passing its ``error``)
+    or that owns no rows. One all-reduce of a few integers per rank (counts, shape, dtype, error
+    codes), then one ``all_gather`` of the rows, each rank's block padded to the largest for the
+    transfer only (on the CPU for gloo, on the current CUDA device for NCCL).
+
+    Args:
+        rows: this rank's rows ``(n_r, ...)``; ``None`` (or a tensor of 0 rows) when it owns
+            none: it then takes the other ranks' row shape and dtype. Ranks with rows must agree
+            on ``rows.shape[1:]`` (at most 6 dimensions) and ``dtype``.
+        error: this rank's failure, if any: every rank then raises (this rank its own error,
+            the others an error of the same class naming it), none waits for ever.
+        total: the number of rows the caller expects in all (``n``); when given, every rank
+            checks that the ranks passed the same ``total`` and that the blocks add up to it.
+        what: what is gathered, for the error messages.
+
+    Returns:
+        ``(sum of n_r, ...)``, on ``rows``' device (the CPU when ``rows`` is None), dtype that of
+        the rows. Outside a process group (or with one process): ``rows`` itself (an empty
+        float32 tensor for None), ``error`` raised if given.
+
+    Raises:
+        ConfigurationError: the ranks' rows differ in trailing shape or dtype, a dtype it cannot
+            carry or more than 6 trailing dimensions, or (with ``total``) ranks that expect
+            different totals or blocks that do not add up to it; raised on every rank.
+    """
+    if not is_distributed() or _own_world_size() == 1:
+        if error is not None:
+            raise error
+        out = rows if rows is not None else torch.empty(0)
+        if total is not None and out.shape[0] != total:
+            raise ConfigurationError(f"{what}: {out.shape[0]} rows, expected {total}")
+        return out
+    n, code, shape = 0, -1, []
+    if error is None and rows is not None and rows.shape[0] > 0:
+        if rows.dtype not in _ROW_DTYPES or rows.ndim - 1 > _ROW_MAX_DIMS:
+            error = ConfigurationError(
+                f"{what}: all_gather_rows carries tensors of dtype {_ROW_DTYPES} with at most "
+                f"{_ROW_MAX_DIMS} dimensions after the first, got {rows.dtype} of shape "
+                f"{tuple(rows.shape)}")
+        else:
+            n, code, shape = int(rows.shape[0]), _ROW_DTYPES.index(rows.dtype), list(rows.shape[1:])
+    meta = [error_code(error), n, -1 if total is None else int(total), code, len(shape),
+            *shape, *[0] * (_ROW_MAX_DIMS - len(shape))]
+    table = all_gather_ints(meta)
+    raise_if_any_rank_failed(table[:, 0].tolist(), error, what=what)
+    counts = table[:, 1].tolist()
+    totals = table[:, 2].tolist()
+    if total is not None and (len(set(totals)) > 1 or sum(counts) != total):
+        raise ConfigurationError(
+            f"{what}: under torch.distributed every rank must pass the same whole data set (it "
+            f"is split over the ranks here); the ranks passed data sets of {totals} samples and "
+            f"computed blocks of {counts} rows. Pass the whole data set on every rank, or "
+            "distributed=False to compute everything on each rank alone")
+    carrying = [r for r, c in enumerate(counts) if c > 0]
+    if not carrying:
+        return rows if rows is not None else torch.empty(0)
+    first = table[carrying[0], 3:]
+    if any(not torch.equal(table[r, 3:], first) for r in carrying):
+        described = [(_ROW_DTYPES[int(table[r, 3])], table[r, 5:5 + int(table[r, 4])].tolist())
+                     for r in carrying]
+        raise ConfigurationError(
+            f"{what}: the ranks' rows differ in dtype or shape after the first dimension "
+            f"({described}); every rank must pass the same model and data")
+    dtype, ndim = _ROW_DTYPES[int(first[0])], int(first[1])
+    row_shape = tuple(int(d) for d in first[2:2 + ndim])
+    device = _collective_device(rows if rows is not None else torch.empty(0))
+    buffer = torch.zeros((max(counts), *row_shape), dtype=dtype, device=device)
+    if n:
+        buffer[:n] = rows.to(device)
+    parts = [torch.empty_like(buffer) for _ in counts]
+    dist.all_gather(parts, buffer)
+    out = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+    return out.to(rows.device if rows is not None else torch.device("cpu"))
 
 
 def error_code(error: BaseException | None) -> int:

@@ -381,11 +381,12 @@ def in_memory(dataset: Dataset) -> bool:
 
 
 def stream_batches(
-    dataset: Dataset, *, batch_size: int, num_workers: int = 0
+    dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x, y)`` batches of any map-style data set of ``(x, y)`` pairs, read through a
     ``DataLoader`` in the data set's own order (no shuffling), so memory holds one batch at a
     time and every sample is read (and transformed) afresh. Labels come back as int64.
+    ``num_workers`` and ``pin_memory`` are passed to the ``DataLoader``.
 
     Raises:
         DataError: the data set is empty or not a data set, an item is not an ``(x, y)`` pair, or
@@ -400,7 +401,7 @@ def stream_batches(
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("the data set is empty; expected at least one (x, y) sample")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, pin_memory=pin_memory)
     try:
         for item in loader:
             yield _pair(item)

@@ -14,11 +14,13 @@ from deepclean.evaluation.evaluate import evaluate, evaluate_model, paper_metric
 from deepclean.evaluation.memorisation import memorisation
 from deepclean.evaluation.metrics import (
     accuracy,
+    dataset_labels,
     entropy,
     entropy_mia,
     membership_attack,
     predict_logits,
     predict_proba,
+    sample_logits,
 )
 from deepclean.evaluation.mia import (
     DIRECTIONS,
@@ -35,9 +37,11 @@ from deepclean.evaluation.mia import (
 from deepclean.evaluation.outputs import (
     GoldReference,
     ModelOutputs,
+    SampleOutputs,
     build_reference,
     extended_metrics,
     model_outputs,
+    sample_outputs,
 )
 from deepclean.evaluation.summaries import (
     ACC_METRICS,
@@ -55,10 +59,12 @@ __all__ = [
     "GoldReference",
     "LiraResult",
     "ModelOutputs",
+    "SampleOutputs",
     "accuracy",
     "activation_distance",
     "avg_gap",
     "build_reference",
+    "dataset_labels",
     "cross_entropy_loss",
     "distances_to_gold",
     "entropy",
@@ -82,6 +88,8 @@ __all__ = [
     "predict_logits",
     "predict_proba",
     "relative_time_efficiency",
+    "sample_logits",
+    "sample_outputs",
     "summary",
     "true_label_confidence",
     "tug_of_war",

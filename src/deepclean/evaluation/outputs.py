@@ -5,6 +5,12 @@ The harness (:mod:`deepclean.harness.experiment`) and the gamma sweep (:mod:`dee
 extra gold models from other seeds, with their outputs computed once) and call
 :func:`extended_metrics` for every evaluated model. Each model's logits on the training subset and
 on the test set are computed once (:func:`model_outputs`) and shared by every metric.
+
+The per-sample outputs of one model on one data set (logits, probabilities, losses) are
+:func:`sample_outputs`. Both take tensors or any map-style ``Dataset`` of ``(x, y)`` pairs
+(streamed through a ``DataLoader``, one batch in memory), and under ``torch.distributed`` each
+rank computes its block of the samples and the per-sample rows are gathered in data-set order on
+every rank (:func:`deepclean.evaluation.metrics.predict_logits`).
 """
 
 from __future__ import annotations
@@ -14,21 +20,80 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from deepclean.data.splits import ForgetSplit
 from deepclean.evaluation.distances import distances_to_gold
-from deepclean.evaluation.mia import mia_family, predict_logits
+from deepclean.evaluation.metrics import sample_logits
+from deepclean.evaluation.mia import cross_entropy_loss, mia_family, predict_logits
 
-__all__ = ["ModelOutputs", "model_outputs", "GoldReference", "build_reference",
-           "extended_metrics"]
+__all__ = ["SampleOutputs", "sample_outputs", "ModelOutputs", "model_outputs", "GoldReference",
+           "build_reference", "extended_metrics"]
+
+
+@dataclass
+class SampleOutputs:
+    """Per-sample outputs of one model on one data set, row ``i`` for sample ``i``.
+
+    Attributes:
+        logits: ``(N, K)`` float32, CPU.
+        labels: ``(N,)`` int64, CPU: the data set's labels.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Softmax outputs ``(N, K)``, float32."""
+        return torch.softmax(self.logits, 1)
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """Cross-entropy ``-log p_y`` per sample ``(N,)``, float64, in nats."""
+        return cross_entropy_loss(self.logits, self.labels)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """Whether the top-1 prediction is the label ``(N,)``, bool."""
+        return self.probs.argmax(1) == self.labels
+
+
+def sample_outputs(model: nn.Module, data: Dataset, *, batch_size: int = 1000,
+                   device: torch.device | str | None = None, precision: str = "fp32",
+                   num_workers: int = 0, pin_memory: bool = False,
+                   distributed: bool | None = None) -> SampleOutputs:
+    """Logits, labels (and from them probabilities, losses) of ``model`` in eval mode on every
+    sample of ``data``, a ``Dataset`` of ``(x, y)`` pairs, in the data set's order.
+
+    A ``TensorDataset`` (or a ``Subset`` of one) is sliced in memory; any other map-style
+    ``Dataset`` is read through a ``DataLoader`` (``num_workers``, ``pin_memory``), one batch of
+    ``batch_size`` inputs in memory at a time. Under ``torch.distributed`` every rank passes the
+    whole data set, computes its contiguous block and gets every sample's row exactly once
+    (``distributed``: None automatic, True, False; see
+    :func:`deepclean.evaluation.metrics.predict_logits`).
+
+    Raises:
+        DataError: ``data`` is empty, a tensor, or its items are not ``(x, y)`` pairs with
+            integer labels.
+        ConfigurationError: bad ``precision``, ``batch_size`` or loader options; under a process
+            group, ranks that passed data of different lengths.
+    """
+    logits, labels = sample_logits(model, data, batch_size=batch_size, device=device,
+                                   precision=precision, num_workers=num_workers,
+                                   pin_memory=pin_memory, distributed=distributed)
+    return SampleOutputs(logits, labels)
 
 
 @dataclass
 class ModelOutputs:
-    """Logits (float32, CPU) of one model on the training subset and on the test set."""
+    """Logits (float32, CPU) of one model on the training subset and on the test set; the labels
+    (int64, CPU) too when they were computed from ``Dataset`` s (else ``None``)."""
 
     logits_train: torch.Tensor
     logits_test: torch.Tensor
+    y_train: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
 
     @property
     def probs_train(self) -> torch.Tensor:
@@ -39,13 +104,26 @@ class ModelOutputs:
         return torch.softmax(self.logits_test, 1)
 
 
-def model_outputs(model: nn.Module, x_train: torch.Tensor, x_test: torch.Tensor,
-                  device: torch.device | str | None = None, *,
-                  precision: str = "fp32") -> ModelOutputs:
+def model_outputs(model: nn.Module, x_train: torch.Tensor | Dataset,
+                  x_test: torch.Tensor | Dataset, device: torch.device | str | None = None, *,
+                  precision: str = "fp32", num_workers: int = 0, pin_memory: bool = False,
+                  distributed: bool | None = None) -> ModelOutputs:
     """Logits (float32) of ``model`` (eval mode) on ``x_train`` and ``x_test``, the forward passes
-    in ``precision`` (``"fp32"`` or ``"bf16"``, see :func:`deepclean.evaluation.metrics.predict_logits`)."""
-    return ModelOutputs(predict_logits(model, x_train, device=device, precision=precision),
-                        predict_logits(model, x_test, device=device, precision=precision))
+    in ``precision`` (``"fp32"`` or ``"bf16"``, see :func:`deepclean.evaluation.metrics.predict_logits`).
+
+    Each of ``x_train`` and ``x_test`` is inputs ``(N, ...)`` or a ``Dataset`` of ``(x, y)``
+    pairs (streamed, and sharded and gathered under a process group, as :func:`sample_outputs`);
+    for a ``Dataset`` its labels are kept in ``y_train`` / ``y_test``."""
+    options = dict(device=device, precision=precision, num_workers=num_workers,
+                   pin_memory=pin_memory, distributed=distributed)
+
+    def one(x: torch.Tensor | Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(x, torch.Tensor):
+            return predict_logits(model, x, **options), None
+        return sample_logits(model, x, **options)
+
+    (logits_train, y_train), (logits_test, y_test) = one(x_train), one(x_test)
+    return ModelOutputs(logits_train, logits_test, y_train, y_test)
 
 
 @dataclass

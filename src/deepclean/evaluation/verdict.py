@@ -64,11 +64,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from deepclean.data.datasets import as_tensors
+from deepclean.data.datasets import as_tensors, check_loader_options, in_memory
 from deepclean.errors import ConfigurationError, DataError
-from deepclean.evaluation.metrics import predict_logits
+from deepclean.evaluation.metrics import dataset_labels, predict_logits
 from deepclean.evaluation.mia import cross_entropy_loss, logit_confidence
 
 __all__ = [
@@ -257,6 +257,9 @@ def forgetting_verdict(
     seed: int = 0,
     device: torch.device | str | None = None,
     batch_size: int = 512,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    distributed: bool | None = None,
 ) -> ForgettingVerdict:
     """Whether ``model`` treats D_f like held-out data drawn like it, and kept its utility.
 
@@ -285,6 +288,16 @@ def forgetting_verdict(
         seed: seed of the matched draw.
         device: where to run the model; None: the model's device.
         batch_size: inference batch size (does not change the result).
+        num_workers, pin_memory: ``DataLoader`` options for data sets that are not in memory.
+        distributed: under ``torch.distributed`` (``None``: automatic when a process group of
+            more than one rank is initialised) every rank passes the same whole data sets, computes
+            the outputs of its block of each and gets every sample's exactly once (gathered in
+            order), so every rank returns the same verdict; ``False``: each rank computes all.
+
+    Data: a ``TensorDataset`` (or a ``Subset`` of one) is sliced in memory; any other map-style
+    ``Dataset`` of ``(x, y)`` pairs is streamed through a ``DataLoader``, one batch of
+    ``batch_size`` in memory at a time (its labels are read once first, then each model reads
+    it once), with the same numbers.
 
     Returns:
         A :class:`ForgettingVerdict`. ``metrics`` keys (accuracies and tolerances in %, AUCs in
@@ -300,7 +313,8 @@ def forgetting_verdict(
         DataError: empty sets, labels the model cannot output, or a class of D_f with no held-out
             sample.
         ConfigurationError: an unknown ``scenario``, a tolerance that is not a number > 0, a bad
-            ``seed`` or ``batch_size``.
+            ``seed``, ``batch_size`` or loader option; ``distributed=True`` without a process
+            group, or under one, ranks that passed data sets of different lengths.
     """
     if scenario not in SCENARIOS:
         raise ConfigurationError(f"scenario must be one of {SCENARIOS}, got {scenario!r}; pass "
@@ -314,14 +328,18 @@ def forgetting_verdict(
     _check_seed(seed)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    xf, yf = as_tensors(forget)
-    xh, yh = as_tensors(holdout)
+    load = dict(batch_size=batch_size, device=device, num_workers=num_workers,
+                pin_memory=pin_memory, distributed=distributed)
+    check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=False)
+    xf, yf = _inputs_and_labels(forget, load)
+    xh, yh = _inputs_and_labels(holdout, load)
     if match:
         idx = matched_holdout(yh, yf, seed=seed)
-        xh, yh = xh[idx], yh[idx]
+        xh, yh = (xh[idx] if isinstance(xh, torch.Tensor) else Subset(xh, idx.tolist())), yh[idx]
     xrh = yrh = None
     if retained_holdout is not None:
-        xrh, yrh = as_tensors(retained_holdout)
+        xrh, yrh = _inputs_and_labels(retained_holdout, load)
     forget_classes = sorted(set(yf.tolist()))
     if scenario == "auto":
         scenario = ("class" if yrh is not None and not set(yrh.tolist()) & set(forget_classes)
@@ -329,7 +347,7 @@ def forgetting_verdict(
     what = ("held-out samples of the forgotten class" + ("es" if len(forget_classes) > 1 else "")
             if scenario == "class" else "matched held-out samples")
 
-    lf, lh = _logits(model, xf, yf, device, batch_size), _logits(model, xh, yh, device, batch_size)
+    lf, lh = _logits(model, xf, yf, load), _logits(model, xh, yh, load)
     m: dict[str, float] = {"n_forget": float(len(yf)), "n_holdout": float(len(yh))}
     kf = int((lf.argmax(1) == yf).sum())
     kh = int((lh.argmax(1) == yh).sum())
@@ -391,8 +409,8 @@ def forgetting_verdict(
         m["class_acc_tolerance"] = float("nan")
 
     if original is not None:
-        of = _logits(original, xf, yf, device, batch_size)
-        oh = _logits(original, xh, yh, device, batch_size)
+        of = _logits(original, xf, yf, load)
+        oh = _logits(original, xh, yh, load)
         m["original_acc_forget"] = 100.0 * float((of.argmax(1) == yf).double().mean())
         m["original_acc_holdout"] = 100.0 * float((oh.argmax(1) == yh).double().mean())
         m["original_attack_auc"] = (_attack(of, yf, oh, yh, None)["attack_auc"]
@@ -409,14 +427,14 @@ def forgetting_verdict(
         reasons.append("utility not measured: no held-out samples of the retained classes given "
                        "(retained_holdout)")
     else:
-        lr = _logits(model, xrh, yrh, device, batch_size)
+        lr = _logits(model, xrh, yrh, load)
         m["acc_retained_holdout"] = 100.0 * float((lr.argmax(1) == yrh).double().mean())
         if original is None:
             reasons.append(f"accuracy on {len(yrh)} held-out samples of the retained classes "
                            f"{m['acc_retained_holdout']:.1f} %; utility not compared: no original "
                            "model given")
         else:
-            ol = _logits(original, xrh, yrh, device, batch_size)
+            ol = _logits(original, xrh, yrh, load)
             right_o, right_m = ol.argmax(1) == yrh, lr.argmax(1) == yrh
             ref = 100.0 * float(right_o.double().mean())
             m["original_acc_retained_holdout"] = ref
@@ -455,9 +473,22 @@ def _labels(labels: torch.Tensor | Sequence[int], what: str) -> torch.Tensor:
     return t.long().cpu()
 
 
-def _logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-            device: torch.device | str | None, batch_size: int) -> torch.Tensor:
-    logits = predict_logits(model, x, batch_size=batch_size, device=device)
+def _inputs_and_labels(data: Dataset, load: dict[str, Any]
+                       ) -> tuple[torch.Tensor | Dataset, torch.Tensor]:
+    """``(inputs, labels)``: tensors for data in memory (a ``TensorDataset`` or a ``Subset`` of
+    one, or any data set that is not map-style and sized: as_tensors says what is wrong), else
+    the ``Dataset`` itself, to stream, with its labels read once."""
+    if in_memory(data) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) \
+            or isinstance(data, (dict, tuple, str, bytes, torch.Tensor)):
+        return as_tensors(data)
+    labels = dataset_labels(data, batch_size=load["batch_size"], num_workers=load["num_workers"],
+                            distributed=load["distributed"])
+    return data, labels
+
+
+def _logits(model: nn.Module, x: torch.Tensor | Dataset, y: torch.Tensor,
+            load: dict[str, Any]) -> torch.Tensor:
+    logits = predict_logits(model, x, **load)
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise DataError(f"expected the model to return logits (N, K >= 2), got "
                         f"{tuple(logits.shape)}")

@@ -437,8 +437,7 @@ def auto_gamma(
         scorer = held
         extra.update(scenario=held.scenario, slices=held.sizes)
         base = held.verdict(model, with_original=False)
-        mem = memorisation(model, *as_tensors(held.forget), *as_tensors(held.matched),
-                           device=device, seed=seed)
+        mem = memorisation(model, held.forget, held.matched, device=device, seed=seed)
         extra["memorisation"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                  for k, v in mem.items()}
         extra["original_verdict"] = base.summary_line()

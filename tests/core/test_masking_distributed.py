@@ -4,36 +4,17 @@ eval mode the result is the one-process fine-tune."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import _ddp_masking_worker as case
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from deepclean import DeepClean
 
 
-def _run_spawned(tmp: Path, world: int = 2, limit_s: float = 240.0) -> list[dict]:
-    ctx = mp.start_processes(case.worker, args=(world, str(tmp / "pg"), str(tmp)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + limit_s
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world} ranks did not finish within {limit_s:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> list[dict]:
-    return _run_spawned(tmp_path_factory.mktemp("spawned_masking"))
+def spawned(tmp_path_factory, run_ranks) -> list[dict]:
+    return run_ranks(case.worker, tmp_path_factory.mktemp("spawned_masking"))
 
 
 CASES = [("update", "update", 37, 8), ("freeze", "freeze", 37, 8),

@@ -15,7 +15,6 @@ from pathlib import Path
 import _ddp_fisher_script as case
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from deepclean import (
@@ -120,24 +119,9 @@ def test_distributed_true_needs_a_process_group() -> None:
 # -- two processes, torch.multiprocessing ----------------------------------------------------
 
 
-def _run_spawned(tmp: Path, world: int = 2, limit_s: float = 240.0) -> list[dict]:
-    ctx = mp.start_processes(case.spawn_worker, args=(world, str(tmp / "pg"), str(tmp)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + limit_s
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world} ranks did not finish within {limit_s:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> list[dict]:
-    return _run_spawned(tmp_path_factory.mktemp("spawned"))
+def spawned(tmp_path_factory, run_ranks) -> list[dict]:
+    return run_ranks(case.spawn_worker, tmp_path_factory.mktemp("spawned"))
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from deepclean import build_model
@@ -57,3 +62,30 @@ def masked_case():
         return model, x, y, mask
 
     return make
+
+
+def _run_ranks(worker: Callable, tmp: Path, world: int = 2, limit_s: float = 240.0) -> list[dict]:
+    """Start ``world`` processes ``worker(rank, world, init_file, out_dir)`` (spawned, so each
+    imports the worker's module afresh), wait for all of them (failing the test after
+    ``limit_s`` seconds, the processes killed), and return each rank's results, which the worker
+    saved with ``torch.save`` to ``out_dir/rank{rank}.pt``. The worker initialises its process
+    group from the file ``init_file`` (``file://`` init, gloo)."""
+    ctx = mp.start_processes(worker, args=(world, str(tmp / "pg"), str(tmp)),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + limit_s
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world} ranks did not finish within {limit_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="session")
+def run_ranks() -> Callable[..., list[dict]]:
+    """The function ``(worker, tmp, world=2, limit_s=240.0) -> [rank 0's results, ...]`` that
+    runs a worker in several processes, e.g. ``gloo`` ranks on the CPU (see ``_run_ranks``)."""
+    return _run_ranks

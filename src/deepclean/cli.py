@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dist-timeout", type=_minutes, default=30.0, metavar="MINUTES",
                      help="under torchrun: how long a process waits for the others at a "
                      "collective before the job fails (default 30); the wait while rank 0 "
-                     "alone trains a model that is not cached is not bound by it")
+                     "waits for a cache entry that another run is training is not bound by it")
 
     tune = sub.add_parser(
         "tune",

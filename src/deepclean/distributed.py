@@ -12,6 +12,7 @@ sums and counts with :func:`all_reduce_sum_`.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from deepclean._digest import state_digest
 from deepclean.errors import (
     BusyError,
     CheckpointError,
@@ -49,6 +52,9 @@ __all__ = [
     "broadcast_from_main",
     "launched_with_several_processes",
     "torchrun_process_group",
+    "wrap_ddp",
+    "average_running_stats",
+    "check_same_state",
 ]
 
 # Error classes that every rank can re-raise by number when another rank failed (code = index + 1).
@@ -361,8 +367,8 @@ def broadcast_from_main(value: Any, *, error: BaseException | None = None, what:
 
     With ``patient``, the other ranks wait on the CPU group of :func:`torchrun_process_group`
     (timeout ``wait_timeout_s``) rather than the default group, for work that rank 0 does alone
-    and that may outlast the default timeout (training a model that is not cached); a rank that
-    dies still ends the wait at once (its connections close). Without such a group: the default.
+    and that may outlast the default timeout (waiting for the lock of a cache entry that another
+    run is training); a rank that dies still ends the wait at once (its connections close). Without such a group: the default.
     """
     if not is_distributed() or _own_world_size() == 1:
         if error is not None:
@@ -375,6 +381,56 @@ def broadcast_from_main(value: Any, *, error: BaseException | None = None, what:
     codes = [int(box[0])] + [0] * (_own_world_size() - 1)
     raise_if_any_rank_failed(codes, error if main else None, what=what)
     return box[1]
+
+
+# BatchNorm buffers stay per rank during DDP training (train mode normalises with each rank's batch
+# statistics) and are averaged at the end; the keyword was renamed in recent torch releases.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """``model`` (already on ``device``) wrapped in ``DistributedDataParallel`` over the default
+    process group: rank 0's weights and buffers are copied to every rank once, then every
+    backward averages the gradients over the ranks (all-reduces, in buckets, overlapping the
+    backward). Buffers (BatchNorm running statistics) are not synchronised at each forward: every
+    rank keeps its own, see :func:`average_running_stats`. Drop the wrapper after training: the
+    model itself is trained in place and its hooks go with the wrapper."""
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
+
+
+def average_running_stats(model: nn.Module) -> None:
+    """Replace every BatchNorm's running mean and variance by their mean over the ranks (a
+    collective; nothing outside a process group)."""
+    world = _own_world_size()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                if buffer is not None:
+                    all_reduce_sum_(buffer).div_(world)
+
+
+def check_same_state(model: nn.Module, *, what: str) -> None:
+    """Raise ``RuntimeError`` on every rank unless every rank's ``model`` has bitwise the same
+    parameters and buffers; a collective (one all-reduce of ``world_size()`` integers: the
+    first 56 bits of each rank's SHA-256 of its state, copied to the CPU once). Nothing outside a
+    process group."""
+    if not is_distributed() or _own_world_size() == 1:
+        return
+    digest = int(state_digest(model.state_dict())[:14], 16)
+    digests = all_gather_ints([digest])[:, 0].tolist()
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"{what}: the ranks ended with different weights (state digests per rank: "
+            f"{[f'{d:014x}' for d in digests]}); every rank must train the same model on the same "
+            "data with the same settings and seed"
+        )
 
 
 def _env_int(name: str, default: int | None = None) -> int | None:
@@ -414,7 +470,8 @@ def torchrun_process_group(*, timeout_s: float, cuda: bool,
     hangs (a rank that dies closes its connections, and the others fail at once). A second group
     (gloo, timeout ``wait_timeout_s``, default 7 days) serves the waits of
     :func:`broadcast_from_main` with ``patient=True``: the other ranks waiting while rank 0 alone
-    trains a model, which may take longer than ``timeout_s``.
+    waits for a lock (another run training the same cached model), which may take longer than
+    ``timeout_s``.
 
     Raises:
         ConfigurationError: ``timeout_s`` is not a positive number; a torchrun variable is not an

@@ -29,7 +29,6 @@ runs as DistributedDataParallel: each step's batch is split over the ranks (see
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import struct
 
@@ -44,16 +43,17 @@ from deepclean.data.datasets import (
     dataset_size,
     in_memory,
     iterate_batches,
+    iterate_rank_blocks,
 )
 from deepclean.distributed import (
     all_gather_ints,
-    all_reduce_sum_,
+    average_running_stats,
     error_code,
     is_main_process,
     raise_if_any_rank_failed,
-    shard_indices,
     use_distributed,
     world_size,
+    wrap_ddp,
 )
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.progress import progress_bar
@@ -63,15 +63,6 @@ from deepclean.validation import check_inputs, check_labels_fit
 __all__ = ["masked_finetune", "check_finetune_settings", "BN_STATS"]
 
 BN_STATS = ("update", "freeze")
-
-# BatchNorm buffers stay per rank during the fine-tune (train mode normalises with batch
-# statistics) and are averaged at the end; the keyword was renamed in recent torch releases.
-_NO_BUFFER_SYNC = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-    else {"broadcast_buffers": False}
-)
-
 
 def check_finetune_settings(*, bn_stats: str, epochs: int) -> None:
     """Raise ``ConfigurationError`` unless ``bn_stats`` is one of :data:`BN_STATS` and
@@ -233,10 +224,7 @@ def masked_finetune(
                     module.eval()
         net = model
         if sharded:
-            ids = None
-            if device.type == "cuda":
-                ids = [device.index if device.index is not None else torch.cuda.current_device()]
-            net = nn.parallel.DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
+            net = wrap_ddp(model, device)
             batches = _rank_batches
         elif data is not None:
             loader = ShuffledBatches(data, batch_size=batch_size, generator=generator,
@@ -276,7 +264,7 @@ def masked_finetune(
                 bar.update(1)
         bar.close()
         if sharded and bn_stats == "update":
-            _average_running_stats(model)
+            average_running_stats(model)
     finally:
         net = None  # the DDP wrapper and its gradient hooks go with it
         for p in frozen:
@@ -308,15 +296,10 @@ def _rank_batches(x, y, batch_size, generator, device):
     """Under a process group: the same permutation and batches as :func:`iterate_batches` on
     every rank, of which this rank takes its contiguous block of each batch (possibly empty); the
     loss scale makes DDP's average of the ranks' gradients the gradient of the batch mean."""
-    n, world = x.shape[0], world_size()
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
-        own = shard_indices(index.numel())
-        part = index[own.start:own.stop]
-        xb = x[part].to(device, non_blocking=True)
-        yb = y[part].to(device, non_blocking=True)
-        yield xb, yb, world / index.numel(), None
+    world = world_size()
+    for xb, yb, size in iterate_rank_blocks(x, y, batch_size=batch_size, generator=generator,
+                                            device=device):
+        yield xb, yb, world / size, None
 
 
 def _check_same_on_every_rank(error, mask, n, epochs, batch_size, lr, generator) -> None:
@@ -345,13 +328,3 @@ def _check_same_on_every_rank(error, mask, n, epochs, batch_size, lr, generator)
             "seeded alike on every rank (masked_finetune splits the batches itself), or "
             "distributed=False"
         )
-
-
-def _average_running_stats(model: nn.Module) -> None:
-    """Replace every BatchNorm's running mean and variance by their mean over the ranks."""
-    world = world_size()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var):
-                if buffer is not None:
-                    all_reduce_sum_(buffer).div_(world)

@@ -7,6 +7,7 @@ schedule and no augmentation so that a narrow ResNet-18 memorises its training d
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -21,7 +22,21 @@ from deepclean.data.datasets import (
     dataset_size,
     in_memory,
     iterate_batches,
+    iterate_rank_blocks,
     random_crop_flip,
+)
+from deepclean.distributed import (
+    all_gather_ints,
+    average_running_stats,
+    check_same_state,
+    error_code,
+    is_main_process,
+    raise_if_any_rank_failed,
+    rank,
+    shard_indices,
+    use_distributed,
+    world_size,
+    wrap_ddp,
 )
 from deepclean.errors import ConfigurationError
 from deepclean.precision import autocast, check_precision, to_input_format, to_memory_format
@@ -133,6 +148,7 @@ def train_model(
     num_workers: int = 0,
     pin_memory: bool = False,
     persistent_workers: bool = False,
+    distributed: bool | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``(x, y)`` with cross-entropy and SGD; return it in eval mode.
 
@@ -145,6 +161,29 @@ def train_model(
     told the epoch first, one batch in memory at a time), so the same samples give the same
     model either way.
 
+    Data-parallel training (``distributed``, by default whenever a ``torch.distributed`` process
+    group of several ranks is initialised, e.g. under ``torchrun``): every rank calls
+    ``train_model`` with the same model, data, recipe and seed (checked before any step; ranks
+    that differ raise ``ConfigurationError`` on every rank). The model is wrapped in
+    ``DistributedDataParallel``. Every rank draws the same permutation of the data per epoch
+    from ``seed`` and cuts it into the same batches of ``config.batch_size`` (the *global*
+    batch); each batch is split into contiguous blocks, one per rank
+    (:func:`deepclean.distributed.shard_indices`), so the per-rank batch is
+    ``batch_size / world_size`` samples, rounded down or up when it does not divide (blocks
+    differ by at most one sample; a rank whose block of a short last batch is empty still takes
+    the step). Each rank's loss is the sum over its block times ``world_size / B`` (``B`` the
+    global batch's size), so DDP's average of the ranks' gradients (one all-reduce per step) is
+    exactly the gradient of the mean loss over the global batch: the steps, the learning-rate
+    schedule and, without BatchNorm, the weights are those of the one-process run, up to
+    rounding. Augmentation draws are made for the whole global batch on every rank and each rank
+    applies its rows' draws, so they too are the one-process run's. BatchNorm runs as plain DDP
+    does, not as ``SyncBatchNorm``: in train mode each rank normalises its block with the
+    block's own statistics (so with BatchNorm the result differs from one process by the noise
+    of smaller normalisation batches), the running statistics are kept per rank and averaged
+    over the ranks at the end. All ranks end with bitwise the same weights and buffers (checked
+    with a digest all-reduce; ``RuntimeError`` otherwise). A data set read through a
+    ``DataLoader`` is sharded too: each rank reads only its blocks.
+
     Args:
         model: the network, any mode; it is moved to ``device``.
         x: inputs ``(N, C, H, W)``, or a ``Dataset`` of ``(x, y)`` pairs (then ``y`` is None).
@@ -154,7 +193,7 @@ def train_model(
             caller's business).
         device: where to train.
         desc: progress-bar label.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0 only under a process group).
         precision: ``"fp32"`` or ``"bf16"`` (forward pass and loss under bfloat16 autocast; the
             weights, gradients and SGD state stay float32), see :mod:`deepclean.precision`.
         channels_last: convert the model's 4-D weights and each input batch to
@@ -164,47 +203,64 @@ def train_model(
             is a function of index and epoch.
         pin_memory: page-locked batches before the copy to a CUDA device (ignored elsewhere).
         persistent_workers: keep the ``DataLoader`` workers alive between epochs.
+        distributed: ``None`` (default): data-parallel when a process group with more than one
+            rank is initialised; ``True``: always (requires an initialised group); ``False``:
+            never, every rank trains alone on all of the data.
 
     Raises:
         ConfigurationError: ``precision`` is not ``"fp32"`` or ``"bf16"``, or ``channels_last`` is
             not a bool; no recipe; tensors without labels or a data set with labels; invalid
-            loader options.
+            loader options; ``distributed`` not a bool or None, or True without a process
+            group; under a process group, ranks whose sample counts, recipes or seeds differ.
         DataError: a data set that is empty or whose items are not ``(x, y)`` pairs with integer
             labels.
+        RuntimeError: under a process group, ranks that end with different weights.
     """
-    if isinstance(y, TrainConfig) and config is None:
-        y, config = None, y
-    if not isinstance(config, TrainConfig):
-        raise ConfigurationError(
-            f"config must be a TrainConfig, got {type(config).__name__}; e.g. "
-            "train_model(model, x, y, TrainConfig(epochs=12), seed=0)")
-    check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers)
-    loader = None
-    if isinstance(x, torch.Tensor):
-        if not isinstance(y, torch.Tensor):
+    sharded = use_distributed(distributed)
+    error = None
+    n = 0
+    try:
+        if isinstance(y, TrainConfig) and config is None:
+            y, config = None, y
+        if not isinstance(config, TrainConfig):
             raise ConfigurationError(
-                f"inputs x arrived as a tensor but labels y as {type(y).__name__}; pass both as "
-                "tensors, or one Dataset of (x, y) pairs with y=None")
-        n = int(x.shape[0])
-    elif y is not None:
-        raise ConfigurationError(
-            f"x is a {type(x).__name__}, not a tensor, and labels y were given too; pass tensors "
-            "(x, y), or one Dataset of (x, y) pairs with y=None")
-    elif in_memory(x):
-        x, y = as_tensors(x)
-        n = int(x.shape[0])
-    else:
-        n = dataset_size(x, "the training data")
-    device = torch.device(device)
-    check_precision(precision, device)
+                f"config must be a TrainConfig, got {type(config).__name__}; e.g. "
+                "train_model(model, x, y, TrainConfig(epochs=12), seed=0)")
+        check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
+                             persistent_workers=persistent_workers)
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor):
+                raise ConfigurationError(
+                    f"inputs x arrived as a tensor but labels y as {type(y).__name__}; pass "
+                    "both as tensors, or one Dataset of (x, y) pairs with y=None")
+            n = int(x.shape[0])
+        elif y is not None:
+            raise ConfigurationError(
+                f"x is a {type(x).__name__}, not a tensor, and labels y were given too; pass "
+                "tensors (x, y), or one Dataset of (x, y) pairs with y=None")
+        elif in_memory(x):
+            x, y = as_tensors(x)
+            n = int(x.shape[0])
+        else:
+            n = dataset_size(x, "the training data")
+        device = torch.device(device)
+        check_precision(precision, device)
+    except Exception as exc:
+        if not sharded:
+            raise
+        error = exc  # every rank must learn of it before the first collective of the others
+    if sharded:
+        _check_same_on_every_rank(error, n, config, seed)
+    world = world_size() if sharded else 1
     to_memory_format(model.to(device), channels_last).train()
     generator = torch.Generator().manual_seed(seed)
+    loader = None
     if not isinstance(x, torch.Tensor):
         loader = ShuffledBatches(x, batch_size=config.batch_size, generator=generator,
                                  num_workers=num_workers,
                                  pin_memory=pin_memory and device.type == "cuda",
-                                 persistent_workers=persistent_workers)
+                                 persistent_workers=persistent_workers,
+                                 rank=rank() if sharded else 0, world_size=world)
     opt = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -218,26 +274,67 @@ def train_model(
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, [m * steps_per_epoch for m in config.milestones], gamma=config.lr_factor
         )
-    bar = progress_bar(total=config.epochs * steps_per_epoch, desc=desc, enabled=progress)
-    for _ in range(config.epochs):
-        if loader is None:
-            batches = ((xb, yb) for _, xb, yb in iterate_batches(
-                x, y, batch_size=config.batch_size, shuffle=True, generator=generator,
-                device=device))
-        else:
-            batches = ((xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
-                       for xb, yb in loader.epoch())
-        for xb, yb in batches:
-            if config.crop_padding or config.flip:
-                xb = random_crop_flip(
-                    xb, padding=config.crop_padding, flip=config.flip, generator=generator
-                )
-            with autocast(device, precision):
-                loss = nn.functional.cross_entropy(model(to_input_format(xb, channels_last)), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
+    # (global batch size, this rank's first row in it) of every step of an epoch
+    blocks = [(b, shard_indices(b, rank=rank() if sharded else 0, world_size=world).start)
+              for b in (min(config.batch_size, n - s) for s in range(0, n, config.batch_size))]
+    net = wrap_ddp(model, device) if sharded else model
+    bar = progress_bar(total=config.epochs * steps_per_epoch, desc=desc,
+                       enabled=progress and (not sharded or is_main_process()))
+    try:
+        for _ in range(config.epochs):
+            if loader is not None:
+                batches = ((xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+                           for xb, yb in loader.epoch())
+            elif sharded:
+                batches = ((xb, yb) for xb, yb, _ in iterate_rank_blocks(
+                    x, y, batch_size=config.batch_size, generator=generator, device=device))
+            else:
+                batches = ((xb, yb) for _, xb, yb in iterate_batches(
+                    x, y, batch_size=config.batch_size, shuffle=True, generator=generator,
+                    device=device))
+            for (xb, yb), (size, start) in zip(batches, blocks, strict=True):
+                if config.crop_padding or config.flip:
+                    xb = random_crop_flip(xb, padding=config.crop_padding, flip=config.flip,
+                                          generator=generator, of=size, start=start)
+                with autocast(device, precision):
+                    logits = net(to_input_format(xb, channels_last))
+                    if sharded:  # DDP divides the sum of the ranks' gradients by world
+                        loss = nn.functional.cross_entropy(logits, yb, reduction="sum") * (
+                            world / size)
+                    else:
+                        loss = nn.functional.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+    finally:
+        net = None  # the DDP wrapper and its gradient hooks go with it
+        bar.close()
+    if sharded:
+        average_running_stats(model)
+        check_same_state(model, what=f"train_model ({desc})")
     return model.eval()
+
+
+def _check_same_on_every_rank(error: BaseException | None, n: int, config, seed) -> None:
+    """A collective: raise on every rank if any rank failed its checks, or if the ranks' sample
+    counts, recipes or seeds differ (they would train on different batches, or hang in DDP)."""
+    try:
+        recipe = int.from_bytes(hashlib.sha256(repr(config.to_dict()).encode()).digest()[:7],
+                                "little")
+        values = [int(n), recipe, int(seed)]
+    except Exception as exc:  # unusable arguments: a failure like any other
+        error = error or exc
+        values = [-1] * 3
+    table = all_gather_ints([error_code(error), *values])
+    raise_if_any_rank_failed(table[:, 0].tolist(), error, what="train_model")
+    names = ["samples", "recipe (TrainConfig)", "seed"]
+    differ = [name for i, name in enumerate(names) if len(set(table[:, i + 1].tolist())) > 1]
+    if differ:
+        raise ConfigurationError(
+            f"under torch.distributed every rank must train on the same data with the same "
+            f"recipe and seed; the ranks differ in {', '.join(differ)}. Pass the whole data set, "
+            "the same TrainConfig and the same seed on every rank (train_model splits the "
+            "batches itself), or distributed=False"
+        )

@@ -4,24 +4,17 @@ eval mode the result is the one-process fine-tune."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import _ddp_masking_worker as case
 import pytest
 import torch
-from _spawn import run_spawned
 from torch.utils.data import TensorDataset
 
 from deepclean import DeepClean
 
 
-def _run_spawned(tmp: Path, world: int = 2, limit_s: float = 240.0) -> list[dict]:
-    return run_spawned(case.worker, tmp, world, limit_s)
-
-
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> list[dict]:
-    return _run_spawned(tmp_path_factory.mktemp("spawned_masking"))
+def spawned(tmp_path_factory, run_ranks) -> list[dict]:
+    return run_ranks(case.worker, tmp_path_factory.mktemp("spawned_masking"))
 
 
 CASES = [("update", "update", 37, 8), ("freeze", "freeze", 37, 8),

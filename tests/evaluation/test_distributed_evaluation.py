@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _spawn import run_spawned
 from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fisher"))  # the Fisher case
@@ -24,8 +23,8 @@ TOL = 1e-12  # float64 model: the blocks' batches differ from one process's only
 
 
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> list[dict]:
-    return run_spawned(worker.worker, tmp_path_factory.mktemp("spawned_evaluation"))
+def spawned(tmp_path_factory, run_ranks) -> list[dict]:
+    return run_ranks(worker.worker, tmp_path_factory.mktemp("spawned_evaluation"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 import _ddp_fisher_script as case
 import pytest
 import torch
-from _spawn import run_spawned
 from torch.utils.data import TensorDataset
 
 from deepclean import (
@@ -120,13 +119,9 @@ def test_distributed_true_needs_a_process_group() -> None:
 # -- two processes, torch.multiprocessing ----------------------------------------------------
 
 
-def _run_spawned(tmp: Path, world: int = 2, limit_s: float = 240.0) -> list[dict]:
-    return run_spawned(case.spawn_worker, tmp, world, limit_s)
-
-
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> list[dict]:
-    return _run_spawned(tmp_path_factory.mktemp("spawned"))
+def spawned(tmp_path_factory, run_ranks) -> list[dict]:
+    return run_ranks(case.spawn_worker, tmp_path_factory.mktemp("spawned"))
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, Subset, TensorDataset
 
+from deepclean.distributed import shard_indices
 from deepclean.errors import ConfigurationError, DataError, DataNotFoundError
 
 __all__ = [
@@ -443,17 +444,26 @@ def _check_dataset(dataset: Dataset) -> int:
 
 
 class _PermutationBatches(Sampler):
-    """Batches of indices in the order set for the current epoch (``order``)."""
+    """Batches of indices in the order set for the current epoch (``order``); with several ranks,
+    this rank's contiguous block of each batch (:func:`deepclean.distributed.shard_indices`),
+    empty blocks left out."""
 
-    def __init__(self, n: int, batch_size: int) -> None:
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.batch_size = n, batch_size
+        self.rank, self.world_size = rank, world_size
         self.order: torch.Tensor | None = None
 
-    def __iter__(self):
+    def blocks(self) -> Iterator[list[int]]:
+        """This rank's indices of every batch of the epoch, in order (possibly empty lists)."""
         if self.order is None:
             raise RuntimeError("no epoch order set")
         for start in range(0, self.n, self.batch_size):
-            yield self.order[start:start + self.batch_size].tolist()
+            index = self.order[start:start + self.batch_size]
+            own = shard_indices(index.numel(), rank=self.rank, world_size=self.world_size)
+            yield index[own.start:own.stop].tolist()
+
+    def __iter__(self):
+        return (block for block in self.blocks() if block)
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -481,25 +491,37 @@ class ShuffledBatches:
     workers keep the copy of the data set they started with and would not see that call, so
     ``persistent_workers=True`` with such a data set is refused.
 
+    With ``world_size > 1`` (data-parallel training) every rank builds its loader with a
+    generator in the same state, so all ranks draw the same permutations, and each batch of
+    ``batch_size`` is split into contiguous blocks, one per rank
+    (:func:`deepclean.distributed.shard_indices`): this loader reads and yields only block
+    ``rank`` of each batch, so the ranks read disjoint shards of every epoch. A block that is
+    empty (a batch smaller than ``world_size``) is yielded as a pair of empty tensors, so that
+    every rank yields one item per batch and takes every optimisation step.
+
     Args:
         dataset: map-style ``Dataset`` of ``(x, y)`` pairs with integer labels.
-        batch_size: samples per batch (the last batch may be smaller).
+        batch_size: samples per batch (the last batch may be smaller); with several ranks, the
+            size of the batch that the ranks share.
         generator: source of each epoch's permutation.
         num_workers: ``DataLoader`` worker processes (0: read in the main process).
         pin_memory: page-locked batches for faster copies to a CUDA device.
         persistent_workers: keep the workers alive between epochs (with ``num_workers > 0``).
+        rank: this process's rank, in ``[0, world_size)``.
+        world_size: the number of ranks that share each batch (1: the whole batch).
 
     Raises:
         DataError: not a data set, or an empty one; while reading, an item that is not an
             ``(x, y)`` pair or labels that are not integer class indices.
         ConfigurationError: invalid loader options, or ``persistent_workers`` with a data set
-            that has ``set_epoch``.
+            that has ``set_epoch``; ``rank`` not in ``[0, world_size)``.
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, generator: torch.Generator,
                  num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False) -> None:
+                 persistent_workers: bool = False, rank: int = 0, world_size: int = 1) -> None:
         self.n = _check_dataset(dataset)
+        shard_indices(0, rank=rank, world_size=world_size)  # checks rank and world_size
         check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
                              persistent_workers=persistent_workers)
         if not isinstance(generator, torch.Generator):
@@ -519,7 +541,8 @@ class ShuffledBatches:
         import hashlib
 
         worker_seed = int.from_bytes(hashlib.sha256(state).digest()[:7], "little")
-        self.sampler = _PermutationBatches(self.n, batch_size)
+        self.sampler = _PermutationBatches(self.n, batch_size, rank, world_size)
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=num_workers,
             pin_memory=pin_memory, persistent_workers=persistent,
@@ -529,6 +552,11 @@ class ShuffledBatches:
         """Batches per epoch."""
         return len(self.sampler)
 
+    def _empty_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._empty is None:
+            self._empty = _empty_pair_of(self.dataset)
+        return self._empty
+
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The next epoch's ``(x, y)`` batches (labels int64), drawn and read now."""
         self.sampler.order = torch.randperm(self.n, generator=self.generator)
@@ -536,13 +564,24 @@ class ShuffledBatches:
             self.set_epoch(self.epochs_read)
         self.epochs_read += 1
         try:
-            for item in self.loader:
-                yield _pair(item)
+            if self.sampler.world_size == 1:
+                for item in self.loader:
+                    yield _pair(item)
+                return
+            items = iter(self.loader)
+            for block in self.sampler.blocks():
+                yield _pair(next(items)) if block else self._empty_pair()
         except (KeyError, IndexError, TypeError, RuntimeError) as exc:
             raise DataError(
                 f"could not read (x, y) pairs from the {type(self.dataset).__name__} given "
                 f"({exc}); expected a torch Dataset whose items are (x, y) pairs of equal shapes"
             ) from exc
+
+
+def _empty_pair_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of no sample shaped like ``dataset``'s (its first sample read once)."""
+    x, y = _pair(torch.utils.data.default_collate([dataset[0]]))
+    return x[:0], y[:0]
 
 
 def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,7 +602,8 @@ def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def random_crop_flip(
-    x: torch.Tensor, *, padding: int, flip: bool, generator: torch.Generator
+    x: torch.Tensor, *, padding: int, flip: bool, generator: torch.Generator,
+    of: int | None = None, start: int = 0,
 ) -> torch.Tensor:
     """Per-sample random crop (zero padding of ``padding`` pixels) and horizontal flip of a batch.
 
@@ -572,24 +612,59 @@ def random_crop_flip(
         padding: pixels of padding on each side before cropping back to ``H x W``; 0 disables.
         flip: flip each image horizontally with probability 1/2.
         generator: the CPU generator all randomness comes from.
+        of: ``x`` is rows ``start .. start + B - 1`` of a batch of ``of`` samples (default
+            ``B``): the draws are made for the whole batch and ``x`` gets its rows' draws, so
+            every rank of data-parallel training consumes ``generator`` alike and the ranks'
+            blocks are augmented as one process would augment the whole batch.
+        start: the first row of ``x`` in that batch.
 
     Returns:
         Augmented images ``(B, C, H, W)``, same dtype and device.
     """
     b, _, h, w = x.shape
+    total = b if of is None else of
+    if not 0 <= start <= total - b:
+        raise ConfigurationError(
+            f"rows {start}..{start + b - 1} are not inside a batch of {total} samples")
+    rows_of_x = slice(start, start + b)
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+        dy = torch.randint(0, 2 * padding + 1, (total,), generator=generator)[rows_of_x]
+        dx = torch.randint(0, 2 * padding + 1, (total,), generator=generator)[rows_of_x]
+        dy, dx = dy.to(x.device), dx.to(x.device)
         rows = (dy.view(b, 1) + torch.arange(h, device=x.device).view(1, h)).view(b, 1, h, 1)
         cols = (dx.view(b, 1) + torch.arange(w, device=x.device).view(1, w)).view(b, 1, 1, w)
         c = x.shape[1]
         padded = padded.gather(2, rows.expand(b, c, h, padded.shape[3]))
         x = padded.gather(3, cols.expand(b, c, h, w))
     if flip:
-        do_flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        do_flip = (torch.rand(total, generator=generator)[rows_of_x] < 0.5).to(x.device)
         x = torch.where(do_flip.view(b, 1, 1, 1), x.flip(3), x)
     return x
+
+
+def iterate_rank_blocks(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Data-parallel batches over in-memory tensors: the shuffled batches of
+    :func:`iterate_batches` (the same permutation, drawn from ``generator``, on every rank), of
+    which this process takes its contiguous block of each
+    (:func:`deepclean.distributed.shard_indices`; possibly empty). Yields
+    ``(x_block, y_block, size of the whole batch)``."""
+    order = torch.randperm(x.shape[0], generator=generator)
+    for start in range(0, x.shape[0], batch_size):
+        index = order[start:start + batch_size]
+        own = shard_indices(index.numel())
+        part = index[own.start:own.stop]
+        xb, yb = x[part], y[part]
+        if device is not None:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        yield xb, yb, index.numel()
 
 
 def iterate_batches(

@@ -3,17 +3,22 @@ the training-set Fisher, trained once and reused under a key of everything that 
 (locked per entry, so concurrent runs train each model once).
 
 Under ``torch.distributed`` (``torchrun ... deepclean run``) rank 0 alone owns the cache: it takes
-the entry's lock, trains or loads the model and saves it, then sends the weights to the other
-ranks (:func:`deepclean.distributed.broadcast_from_main`), which wait for them; the other ranks
-never read or write the cache folder, so it need not be shared between machines. The training-set
-Fisher is computed by every rank together (each sums its shard), and rank 0 decides whether the
-cached one is reused and saves a new one."""
+the entry's lock and reads the entry. A cached model is sent to the other ranks
+(:func:`deepclean.distributed.broadcast_from_main`), which wait for it; a model that is not cached
+is trained by all ranks together (:func:`deepclean.training.train_model` as
+DistributedDataParallel, each rank on its shard of every batch; every rank ends with the same
+weights, checked by a digest all-reduce) and rank 0 saves it. The other ranks never read or write
+the cache folder, so it need not be shared between machines. The training-set Fisher is computed
+by every rank together (each sums its shard), and rank 0 decides whether the cached one is reused
+and saves a new one."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -108,64 +113,89 @@ def _train_or_load(
     key = _key(payload)
     path = ctx.cache_dir / f"{kind}-{cfg.dataset}-{model_name}-{key}.safetensors"
 
-    def train_or_load() -> tuple[torch.nn.Module, dict[str, Any]]:
-        # a second process that needs the same model waits here and then reuses it
-        with exclusive_lock(path, purpose=f"training the {kind} model", wait=True):
-            return _train_or_load_locked(ctx, kind=kind, model_name=model_name, seed=seed, x=x,
-                                         y=y, payload=payload, key=key, path=path)
-
-    if world_size() == 1:
-        return train_or_load()
-    # Several ranks: rank 0 trains (or loads) and saves; the others wait for its weights here.
-    shared, error = None, None
-    if is_main_process():
-        try:
-            model, meta = train_or_load()
-            state = {k: v.detach().cpu() for k, v in
-                     strip_module_prefix(model.state_dict()).items()}
-            shared = (state, meta)
-        except Exception as exc:  # every rank raises below instead of waiting for ever
-            error = exc
-    state, meta = broadcast_from_main(shared, error=error, what=f"the {kind} model (rank 0)",
-                                      patient=True)
-    if is_main_process():
-        return model, meta
     model = build_model(model_name, in_channels=ctx.data.in_channels,
                         num_classes=ctx.data.num_classes, width=cfg.width, seed=seed)
-    model.load_state_dict(state, strict=True)
-    model = to_memory_format(model.to(ctx.device), cfg.channels_last)
+    if world_size() == 1:
+        # a second process that needs the same model waits here and then reuses it
+        with exclusive_lock(path, purpose=f"training the {kind} model", wait=True):
+            meta = _cached_model(ctx, model, kind=kind, key=key, path=path)
+            if meta is None:
+                meta = _train(ctx, model, kind=kind, seed=seed, x=x, y=y, payload=payload, key=key)
+                save_checkpoint(path, model, meta)
+        return model.eval(), meta
+    # Several ranks: rank 0 holds the entry's lock and reads it; a cached model goes to the
+    # others, a missing one is trained by every rank together and saved by rank 0.
+    with ExitStack() as held:
+        cached, error = None, None
+        if is_main_process():
+            try:
+                held.enter_context(exclusive_lock(path, purpose=f"training the {kind} model",
+                                                  wait=True))
+                meta = _cached_model(ctx, model, kind=kind, key=key, path=path)
+                if meta is not None:
+                    cached = ({k: v.detach().cpu() for k, v in
+                               strip_module_prefix(model.state_dict()).items()}, meta)
+            except Exception as exc:  # every rank raises below instead of waiting for ever
+                error = exc
+        # patient: rank 0 may wait for the lock while another run trains the same model
+        cached = broadcast_from_main(cached, error=error,
+                                     what=f"reading the {kind} model's cache entry (rank 0)",
+                                     patient=True)
+        if cached is not None:
+            if not is_main_process():
+                model.load_state_dict(cached[0], strict=True)
+                model = to_memory_format(model.to(ctx.device), cfg.channels_last)
+            return model.eval(), cached[1]
+        meta = _train(ctx, model, kind=kind, seed=seed, x=x, y=y, payload=payload, key=key)
+        error = None
+        if is_main_process():
+            try:
+                save_checkpoint(path, model, meta)
+            except Exception as exc:
+                error = exc
+        agree_on_errors(error, what=f"saving the {kind} model (rank 0)")
     return model.eval(), meta
 
 
-def _train_or_load_locked(ctx: _Context, *, kind: str, model_name: str, seed: int,
-                          x: torch.Tensor, y: torch.Tensor, payload: dict[str, Any], key: str,
-                          path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    cfg = ctx.cfg
-    model = build_model(model_name, in_channels=ctx.data.in_channels,
-                        num_classes=ctx.data.num_classes, width=cfg.width, seed=seed)
+def _cached_model(ctx: _Context, model: torch.nn.Module, *, kind: str, key: str,
+                  path: Path) -> dict[str, Any] | None:
+    """Load the cache entry at ``path`` into ``model`` (moved to the device) and return its
+    metadata when its key is ``key``; else None (logged), ``model`` untouched (a state that fits
+    only in part is loaded into a copy first, so the model to train keeps its initial weights,
+    the same on every rank)."""
     if path.is_file():
         try:
             state, meta = load_checkpoint(path)
             if not meta.get("state_sha256"):
                 raise CheckpointError(f"{path} records no tensor hash")
             if meta.get("key") == key:
+                copy.deepcopy(model).load_state_dict(strip_module_prefix(state), strict=True)
                 model.load_state_dict(strip_module_prefix(state), strict=True)
                 ctx.log(f"  {kind} model: reused {path}")
-                model = to_memory_format(model.to(ctx.device), cfg.channels_last)
-                return model.eval(), meta
+                to_memory_format(model.to(ctx.device), ctx.cfg.channels_last)
+                return meta
             ctx.log(f"  {kind} model: cache entry {path} has another key; retraining")
         except (CheckpointError, RuntimeError) as exc:
             ctx.log(f"  {kind} model: cache entry unusable ({exc}); retraining")
-    ctx.log(f"  {kind} model: training on {x.shape[0]} samples ({cfg.train.epochs} epochs)")
+    return None
+
+
+def _train(ctx: _Context, model: torch.nn.Module, *, kind: str, seed: int, x: torch.Tensor,
+           y: torch.Tensor, payload: dict[str, Any], key: str) -> dict[str, Any]:
+    """Train ``model`` in place (under a process group: every rank together, as DDP) and return
+    the metadata of its cache entry."""
+    cfg = ctx.cfg
+    world = world_size()
+    ranks = f", data-parallel over {world} ranks" if world > 1 else ""
+    ctx.log(f"  {kind} model: training on {x.shape[0]} samples ({cfg.train.epochs} epochs"
+            f"{ranks})")
     synchronize(ctx.device)
     start = time.perf_counter()
     train_model(model, x, y, cfg.train, seed=seed, device=ctx.device, desc=f"train {kind}",
                 progress=cfg.progress, precision=cfg.precision, channels_last=cfg.channels_last)
     synchronize(ctx.device)
     seconds = time.perf_counter() - start
-    meta = {"key": key, "determinants": payload, "train_time_s": seconds}
-    save_checkpoint(path, model, meta)
-    return model.eval(), {**meta}
+    return {"key": key, "determinants": payload, "train_time_s": seconds}
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -38,12 +38,11 @@ from torch.utils.data import Dataset
 
 from deepclean.data.datasets import (
     ShuffledBatches,
-    as_tensors,
     check_loader_options,
     dataset_size,
-    in_memory,
     iterate_batches,
     iterate_rank_blocks,
+    tensors_or_dataset,
 )
 from deepclean.distributed import (
     all_gather_ints,
@@ -155,19 +154,8 @@ def masked_finetune(
     try:
         check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
                              persistent_workers=persistent_workers)
-        if isinstance(x, torch.Tensor):
-            if not isinstance(y, torch.Tensor):
-                raise ConfigurationError(
-                    f"inputs x arrived as a tensor but labels y as {type(y).__name__}; pass "
-                    "both as tensors, or one Dataset of (x, y) pairs with y=None")
-        elif y is not None:
-            raise ConfigurationError(
-                f"x is a {type(x).__name__}, not a tensor, and labels y were given too; pass "
-                "tensors (x, y), or one Dataset of (x, y) pairs with y=None")
-        elif in_memory(x):
-            x, y = as_tensors(x)
-        else:
-            data = x
+        x, y, data = tensors_or_dataset(x, y)
+        if data is not None:
             if sharded:
                 raise ConfigurationError(
                     f"under torch.distributed the fine-tune splits tensors over the ranks, but "

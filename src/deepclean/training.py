@@ -17,13 +17,12 @@ from torch.utils.data import Dataset
 
 from deepclean.data.datasets import (
     ShuffledBatches,
-    as_tensors,
     check_loader_options,
     dataset_size,
-    in_memory,
     iterate_batches,
     iterate_rank_blocks,
     random_crop_flip,
+    tensors_or_dataset,
 )
 from deepclean.distributed import (
     all_gather_ints,
@@ -228,21 +227,12 @@ def train_model(
                 "train_model(model, x, y, TrainConfig(epochs=12), seed=0)")
         check_loader_options(num_workers=num_workers, pin_memory=pin_memory,
                              persistent_workers=persistent_workers)
-        if isinstance(x, torch.Tensor):
-            if not isinstance(y, torch.Tensor):
-                raise ConfigurationError(
-                    f"inputs x arrived as a tensor but labels y as {type(y).__name__}; pass "
-                    "both as tensors, or one Dataset of (x, y) pairs with y=None")
-            n = int(x.shape[0])
-        elif y is not None:
-            raise ConfigurationError(
-                f"x is a {type(x).__name__}, not a tensor, and labels y were given too; pass "
-                "tensors (x, y), or one Dataset of (x, y) pairs with y=None")
-        elif in_memory(x):
-            x, y = as_tensors(x)
+        xt, yt, data = tensors_or_dataset(x, y)
+        if data is None:
+            x, y = xt, yt
             n = int(x.shape[0])
         else:
-            n = dataset_size(x, "the training data")
+            n = dataset_size(data, "the training data")
         device = torch.device(device)
         check_precision(precision, device)
     except Exception as exc:

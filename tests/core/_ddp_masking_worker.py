@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import copy
-import datetime
 
 import torch
 import torch.distributed as dist
+from _gloo import init_gloo, outcome
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from deepclean import DeepClean, MaskError, masked_finetune
-
-TIMEOUT = datetime.timedelta(seconds=60)
 
 
 def build_case(n: int = 37) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
@@ -46,17 +44,9 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _outcome(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except Exception as exc:  # the test checks which class every rank raised
-        return type(exc).__name__, str(exc)
-    return "ok", ""
-
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=TIMEOUT)
+    init_gloo(rank, world, init_file)
     try:
         torch.set_num_threads(1)
         out = {}
@@ -81,10 +71,10 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
         # Ranks that disagree raise on every rank instead of waiting for each other.
         model, x, y, mask = build_case()
-        out["different_seeds"] = _outcome(
+        out["different_seeds"] = outcome(
             lambda: finetune(model, mask, x, y, bn_stats="freeze", seed=rank))
         bad = dict(mask) if rank == 0 else {k: v for k, v in mask.items() if k != "4.bias"}
-        out["bad_mask_on_rank_1"] = _outcome(
+        out["bad_mask_on_rank_1"] = outcome(
             lambda: finetune(model, bad, x, y, bn_stats="freeze"))
         out["mask_error_class"] = MaskError.__name__
         # DeepClean end to end: the sharded Fisher pair, the selection, the DDP fine-tune.

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
-
 import torch
 import torch.distributed as dist
+from _gloo import init_gloo, outcome
 from torch import nn
 from torch.utils.data import Dataset
 
 from deepclean import TrainConfig, train_model
-
-TIMEOUT = datetime.timedelta(seconds=60)
 
 #: name -> (samples, batch size, BatchNorm, augmentation, streamed through a DataLoader, epochs)
 CASES = {
@@ -75,23 +72,15 @@ def train(name: str, *, seed: int = 3, distributed: bool | None = None) -> nn.Mo
     return train_model(model, x, y, config, seed=seed, progress=False, distributed=distributed)
 
 
-def _outcome(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except Exception as exc:  # the test checks which class every rank raised
-        return type(exc).__name__, str(exc)
-    return "ok", ""
-
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=TIMEOUT)
+    init_gloo(rank, world, init_file)
     try:
         torch.set_num_threads(1)
         out = {name: {k: v.detach().clone() for k, v in train(name).state_dict().items()}
                for name in CASES}
-        out["different_seeds"] = _outcome(lambda: train("plain", seed=rank))
-        out["bad_config_on_rank_1"] = _outcome(
+        out["different_seeds"] = outcome(lambda: train("plain", seed=rank))
+        out["bad_config_on_rank_1"] = outcome(
             lambda: train_model(nn.Linear(2, 2), torch.zeros(4, 2), torch.zeros(4).long(),
                                 TrainConfig(epochs=1) if rank == 0 else None, seed=0,
                                 progress=False))

@@ -4,11 +4,10 @@ distributed Fisher case (tests/fisher/_ddp_fisher_script.py)."""
 
 from __future__ import annotations
 
-import datetime
-
 import _ddp_fisher_script as case
 import torch
 import torch.distributed as dist
+from _gloo import init_gloo, outcome
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from deepclean.data.splits import random_split
@@ -20,8 +19,6 @@ from deepclean.evaluation import (
     sample_outputs,
 )
 from deepclean.evaluation.verdict import forgetting_verdict
-
-TIMEOUT = datetime.timedelta(seconds=60)
 
 
 class FloatLabelAt(Dataset):
@@ -38,13 +35,6 @@ class FloatLabelAt(Dataset):
         return self.x[i], (0.5 if i == self.bad else self.y[i])
 
 
-def outcome(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except Exception as exc:  # the test checks which class every rank raised
-        return type(exc).__name__, str(exc)
-    return "ok", ""
-
 
 def metrics(model, train, test, holdout_part) -> dict:
     """Every metric of the test, from Datasets (all computed alike in one process)."""
@@ -60,8 +50,7 @@ def metrics(model, train, test, holdout_part) -> dict:
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=TIMEOUT)
+    init_gloo(rank, world, init_file)
     try:
         torch.set_num_threads(1)
         model = case.build_model()

@@ -41,6 +41,7 @@ __all__ = [
     "random_crop_flip",
     "in_memory",
     "dataset_size",
+    "tensors_or_dataset",
     "stream_batches",
     "ShuffledBatches",
     "check_loader_options",
@@ -356,6 +357,33 @@ def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise DataError(f"expected integer class labels, got dtype {y.dtype}")
     return x, y.long()
+
+
+def tensors_or_dataset(x: torch.Tensor | Dataset, y: torch.Tensor | None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, Dataset | None]:
+    """The two forms training functions take: tensors ``x`` ``(N, ...)`` and ``y`` ``(N,)``, or
+    one ``Dataset`` of ``(x, y)`` pairs with ``y=None``.
+
+    Returns:
+        ``(x, y, None)`` for tensors or a data set already in memory (a ``TensorDataset``, or a
+        ``Subset`` of one), ``(None, None, dataset)`` for a data set to stream.
+
+    Raises:
+        ConfigurationError: tensors without tensor labels, or a data set with labels too.
+    """
+    if isinstance(x, torch.Tensor):
+        if not isinstance(y, torch.Tensor):
+            raise ConfigurationError(
+                f"inputs x arrived as a tensor but labels y as {type(y).__name__}; pass "
+                "both as tensors, or one Dataset of (x, y) pairs with y=None")
+        return x, y, None
+    if y is not None:
+        raise ConfigurationError(
+            f"x is a {type(x).__name__}, not a tensor, and labels y were given too; pass "
+            "tensors (x, y), or one Dataset of (x, y) pairs with y=None")
+    if in_memory(x):
+        return (*as_tensors(x), None)
+    return None, None, x
 
 
 def dataset_size(dataset: Dataset, what: str = "the data set") -> int:

@@ -235,7 +235,7 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
                      "exactly) and its one-off time is reported apart")
     run.add_argument("--num-workers", type=_workers, metavar="N",
                      help="DataLoader worker processes of methods that stream their data "
-                     "(all but L-CODEC and retraining) for data sets not in memory; does not "
+                     "(all but L-CODEC) for data sets not in memory; does not "
                      "change results; default 0")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.methods import make_method
+from deepclean.training import TrainConfig
 
 N_FORGET, N_RETAIN = 40, 300
 OTHER = [c for c in range(10) if c != 3]
@@ -123,6 +124,9 @@ CASES = [
     ("fisher_forgetting", {"fisher_batch_size": 64}, "random", 40 + 1 + 40, 256 + 1 + 10 * 300),
     # class forgetting: D_r's labels read to the end (no sample of class 3)
     ("fisher_forgetting", {}, "class", 40 + 1 + 40, 256 + 1 + 10 * 300 + 300),
+    # the gold model: D_f only checked; two training epochs over D_r
+    ("retrain", {"train_config": TrainConfig(epochs=2, batch_size=32, lr=0.01)}, "random",
+     40, 256 + 2 * 300),
 ]
 
 

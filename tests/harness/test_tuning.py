@@ -172,3 +172,20 @@ def test_search_key_ignores_other_scenarios_methods_and_output():
     assert search_key(with_overrides(base, width=0.25), **kw) != key
     assert search_key(base, **(kw | {"n_trials": 6})) != key
     assert search_key(base, **(kw | {"scenario": "class"})) != key
+
+
+def test_tuning_table_reports_the_separation_of_d_r_and_d_f_by_hand():
+    """Acc_Dr - Acc_Df of the best trial (lowest score), the largest over trials and gold's."""
+    from deepclean.harness.tune import tuning_table
+
+    def trial(score, retain, forget):
+        return {"score": score, "state": "complete",
+                "metrics": {"acc_retain": retain, "acc_forget": forget}}
+
+    search = {"best": {"gamma": 2.0}, "best_score": 1.5, "space": {"gamma": {}}, "time_s": 12.0,
+              "gold_metrics": {"acc_retain": 99.5, "acc_forget": 91.0},
+              "trials": [trial(3.0, 90.0, 80.0), trial(1.5, 99.0, 98.5),
+                         {"score": None, "state": "failed", "metrics": None}]}
+    row = [line for line in tuning_table({"random": {"zero_weights": search}}).splitlines()
+           if line.startswith("| zero_weights")][0]
+    assert row == "| zero_weights | gamma=2 | 1.50 | 3.00 | 0.50 | 10.00 | 8.50 | 1/3 | 12.0 |"

@@ -270,12 +270,22 @@ def _fmt(value: Any) -> str:
 
 def tuning_table(searches: dict[str, dict[str, Any]]) -> str:
     """A Markdown table per scenario: method, chosen values, validation Avg. Gap (points) of the
-    best trial and of the worst, trials failed, tuning time (s)."""
+    best trial and of the worst, the separation Acc_Dr - Acc_Df (points, validation) of the best
+    trial and the largest of any trial against the gold model's (a search whose largest
+    separation stays far below gold's found no setting that forgets D_f more than it damages
+    D_r), trials failed, tuning time (s)."""
+
+    def separation(metrics: Any) -> float | None:
+        ok = isinstance(metrics, dict) and all(
+            isinstance(metrics.get(k), (int, float)) for k in ("acc_retain", "acc_forget"))
+        return metrics["acc_retain"] - metrics["acc_forget"] if ok else None
+
     lines = ["# Tuning", ""]
     for scenario, methods in searches.items():
         lines += [f"## {scenario} forgetting", "",
-                  "| Method | Chosen values | Avg. Gap (val) best | worst | Failed | Time (s) |",
-                  "|---|---|---|---|---|---|"]
+                  "| Method | Chosen values | Avg. Gap (val) best | worst | Acc_Dr - Acc_Df best "
+                  "trial | largest | gold | Failed | Time (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, r in methods.items():
             scores = [t["score"] for t in r["trials"] if t["score"] is not None]
             failed = sum(t["state"] == "failed" for t in r["trials"])
@@ -283,7 +293,14 @@ def tuning_table(searches: dict[str, dict[str, Any]]) -> str:
                                if k in r["space"]) or "none (every trial failed)"
             best = f"{r['best_score']:.2f}" if r["best_score"] is not None else "-"
             worst = f"{max(scores):.2f}" if scores else "-"
-            lines.append(f"| {name} | {chosen} | {best} | {worst} | {failed}/{len(r['trials'])} "
-                         f"| {r['time_s']:.1f} |")
+            seps = [s for t in r["trials"] if (s := separation(t.get("metrics"))) is not None]
+            best_trial = min((t for t in r["trials"] if t["score"] is not None),
+                             key=lambda t: t["score"], default=None)
+            best_sep = separation(best_trial.get("metrics")) if best_trial else None
+            gold_sep = separation(r.get("gold_metrics"))
+            cols = [f"{v:.2f}" if v is not None else "-"
+                    for v in (best_sep, max(seps) if seps else None, gold_sep)]
+            lines.append(f"| {name} | {chosen} | {best} | {worst} | {' | '.join(cols)} | "
+                         f"{failed}/{len(r['trials'])} | {r['time_s']:.1f} |")
         lines.append("")
     return "\n".join(lines)

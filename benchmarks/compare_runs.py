@@ -1,0 +1,128 @@
+"""Defaults against tuned: one Markdown table per scenario from two ``deepclean run`` folders (the
+same seeds and test half, one with ``--hp-file``), with the tuning time of each method from the
+hyperparameter file.
+
+    python benchmarks/compare_runs.py --defaults runs/defaults --tuned runs/tuned \\
+        --hp-file runs/tune/hyperparameters.json --out benchmarks/results/defaults_vs_tuned.json
+
+Per method and scenario: Acc_Dr / Acc_Df / MIA (%), Avg. Gap to gold (points) and the unlearning
+time (s), each the mean over the seeds present in both folders with the half-width of the 95 %
+Student-t interval when there are several; a row that collapsed (Acc_Dr under half of gold's) or
+left the model as it was (within 0.5 points of the original on every accuracy, 1 on MIA) says so,
+by the rules of :func:`deepclean.report.common.behaviour_notes`. The JSON holds every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deepclean.report.common import NOOP_POINTS, mean_ci
+from deepclean.report.tables import load_records
+
+KEYS = ("acc_retain", "acc_forget", "mia")
+
+
+def _by_method(records: list[dict], scenario: str) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for r in records:
+        if r.get("scenario") == scenario and isinstance(r.get("metrics"), dict):
+            out.setdefault(r["method"], {})[r["seed"]] = r
+    return out
+
+
+def _flag(rec: list[dict], original: list[dict], gold: list[dict]) -> str:
+    """'collapsed', 'no-op' or '' from the means over seeds (behaviour_notes' rules)."""
+    def mean(rs, k):
+        return sum(r["metrics"][k] for r in rs) / len(rs)
+    if mean(rec, "acc_retain") < 0.5 * mean(gold, "acc_retain"):
+        return "collapsed"
+    same = all(abs(mean(rec, k) - mean(original, k)) <= NOOP_POINTS
+               for k in ("acc_forget", "acc_retain", "acc_test"))
+    if same and abs(mean(rec, "mia") - mean(original, "mia")) <= 2 * NOOP_POINTS:
+        return "no-op"
+    return ""
+
+
+def _cell(values: list[float], digits: int = 2) -> str:
+    m, h = mean_ci(values)
+    return f"{m:.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
+
+
+def compare(defaults: Path, tuned: Path, hp_file: Path | None) -> dict:
+    d_recs, t_recs = load_records(defaults), load_records(tuned)
+    tuning_time = {}
+    if hp_file is not None:
+        protocol = json.loads(hp_file.read_text()).get("protocol", {})
+        tuning_time = protocol.get("time_s", {})
+    result: dict = {"defaults": str(defaults), "tuned": str(tuned), "scenarios": {}}
+    for scenario in sorted({r.get("scenario") for r in d_recs} & {r.get("scenario") for r in t_recs}):
+        d, t = _by_method(d_recs, scenario), _by_method(t_recs, scenario)
+        seeds = sorted(set(d.get("gold", {})) & set(t.get("gold", {})))
+        rows = []
+        for method in ["original", "gold"] + sorted((set(d) | set(t)) - {"original", "gold"}):
+            row: dict = {"method": method}
+            for side, recs in (("defaults", d), ("tuned", t)):
+                rs = [recs[method][s] for s in seeds if s in recs.get(method, {})]
+                if not rs or (side == "tuned" and method in ("original", "gold")):
+                    continue
+                orig = [recs["original"][s] for s in seeds]
+                gold = [recs["gold"][s] for s in seeds]
+                row[side] = {
+                    **{k: [r["metrics"][k] for r in rs] for k in KEYS},
+                    "avg_gap": [r["summary"]["avg_gap"] for r in rs],
+                    "time_s": [r["time_s"] for r in rs if isinstance(r.get("time_s"), (int, float))],
+                    "hp_source": sorted({r.get("hp_source", "-") for r in rs}),
+                    "flag": "" if method in ("original", "gold") else _flag(rs, orig, gold),
+                    "seeds": [r["seed"] for r in rs],
+                }
+            row["tuning_time_s"] = tuning_time.get(scenario, {}).get(method)
+            rows.append(row)
+        result["scenarios"][scenario] = {"seeds": seeds, "rows": rows}
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    for scenario, block in result["scenarios"].items():
+        lines += [f"### {scenario} forgetting (seeds {block['seeds']})", "",
+                  "| method | defaults: Acc_Dr / Acc_Df / MIA | Avg. Gap | time (s) "
+                  "| tuned: Acc_Dr / Acc_Df / MIA | Avg. Gap | time (s) | tuning (s) |",
+                  "|---|---|---:|---:|---|---:|---:|---:|"]
+        for row in block["rows"]:
+            cells = []
+            for side in ("defaults", "tuned"):
+                s = row.get(side)
+                if s is None:
+                    cells += ["", "", ""]
+                    continue
+                acc = " / ".join(_cell(s[k]) for k in KEYS)
+                if s["flag"]:
+                    acc += f" ({s['flag']})"
+                cells += [acc, _cell(s["avg_gap"]), _cell(s["time_s"], 1) if s["time_s"] else "-"]
+            tt = row.get("tuning_time_s")
+            cells.append(f"{tt:.0f}" if isinstance(tt, (int, float)) else "")
+            lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--defaults", type=Path, required=True)
+    parser.add_argument("--tuned", type=Path, required=True)
+    parser.add_argument("--hp-file", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    result = compare(args.defaults, args.tuned, args.hp_file)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,3 +78,15 @@ def test_nothing_of_a_pass_stays_alive_after_it():
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, diagonal._FisherPass)]
     assert not [o for o in gc.get_objects() if isinstance(o, diagonal._Call)]
+
+
+def test_a_streamed_pass_leaves_the_global_random_state_alone():
+    """The DataLoader has its own generator: the caller's next random draws (dropout masks,
+    initialisations) are the same after a streamed pass as after an in-memory one."""
+    model = build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=0)
+    torch.manual_seed(123)
+    fisher_diagonal(model, _materialised(OnTheFly(20)), batch_size=8)
+    after_memory = torch.rand(4)
+    torch.manual_seed(123)
+    fisher_diagonal(model, OnTheFly(20), batch_size=8)
+    assert torch.equal(torch.rand(4), after_memory)

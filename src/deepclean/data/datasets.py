@@ -415,7 +415,8 @@ def stream_batches(
     """``(x, y)`` batches of any map-style data set of ``(x, y)`` pairs, read through a
     ``DataLoader`` in the data set's own order (no shuffling), so memory holds one batch at a
     time and every sample is read (and transformed) afresh. Labels come back as int64.
-    ``num_workers`` and ``pin_memory`` are passed to the ``DataLoader``.
+    ``num_workers`` and ``pin_memory`` are passed to the ``DataLoader``, which has its own
+    generator: reading leaves torch's global random state as it was.
 
     Raises:
         DataError: the data set is empty or not a data set, an item is not an ``(x, y)`` pair, or
@@ -429,8 +430,11 @@ def stream_batches(
         )
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("the data set is empty; expected at least one (x, y) sample")
+    # Its own generator: a DataLoader without one draws its workers' base seed from torch's
+    # global generator, which would shift the caller's later random draws (dropout masks).
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=pin_memory)
+                                         num_workers=num_workers, pin_memory=pin_memory,
+                                         generator=torch.Generator().manual_seed(0))
     try:
         for item in loader:
             yield _pair(item)

@@ -1,5 +1,5 @@
-"""Defaults against tuned: one Markdown table per scenario from two ``deepclean run`` folders (the
-same seeds and test half, one with ``--hp-file``), with the tuning time of each method from the
+"""Defaults against tuned: one Markdown table per scenario from ``deepclean run`` folders (the
+same seeds and test half; the tuned side run with ``--hp-file``; each side may pool folders), with the tuning time of each method from the
 hyperparameter file.
 
     python benchmarks/compare_runs.py --defaults runs/defaults --tuned runs/tuned \\
@@ -51,13 +51,16 @@ def _cell(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
 
 
-def compare(defaults: Path, tuned: Path, hp_file: Path | None) -> dict:
-    d_recs, t_recs = load_records(defaults), load_records(tuned)
+def compare(defaults: list[Path], tuned: list[Path], hp_file: Path | None) -> dict:
+    """Folders of one side are pooled (e.g. methods run apart); a record may appear once."""
+    d_recs = [r for folder in defaults for r in load_records(folder)]
+    t_recs = [r for folder in tuned for r in load_records(folder)]
     tuning_time = {}
     if hp_file is not None:
         protocol = json.loads(hp_file.read_text()).get("protocol", {})
         tuning_time = protocol.get("time_s", {})
-    result: dict = {"defaults": str(defaults), "tuned": str(tuned), "scenarios": {}}
+    result: dict = {"defaults": [str(p) for p in defaults], "tuned": [str(p) for p in tuned],
+                    "scenarios": {}}
     for scenario in sorted({r.get("scenario") for r in d_recs} & {r.get("scenario") for r in t_recs}):
         d, t = _by_method(d_recs, scenario), _by_method(t_recs, scenario)
         seeds = sorted(set(d.get("gold", {})) & set(t.get("gold", {})))
@@ -111,8 +114,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--defaults", type=Path, required=True)
-    parser.add_argument("--tuned", type=Path, required=True)
+    parser.add_argument("--defaults", type=Path, nargs="+", required=True)
+    parser.add_argument("--tuned", type=Path, nargs="+", required=True)
     parser.add_argument("--hp-file", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

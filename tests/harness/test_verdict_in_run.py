@@ -115,3 +115,32 @@ def test_with_the_report_half_the_held_out_pool_is_the_other_half(tmp_path):
     pooled = {tuple(r.tolist()) for r in pool.x.flatten(1)}
     assert pool.source == "validation half of the test set"
     assert not pooled & reported and len(pool.y) == len(val)
+
+
+def test_when_the_original_passes_no_model_passes_or_fails():
+    """An original model that treats D_f like held-out data (here: one that outputs the same
+    logits for every input) makes every verdict CANNOT TELL, with passed None: a pass would mean
+    nothing, since an unchanged model passes too."""
+    from types import SimpleNamespace
+
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from deepclean.harness.experiment import CANNOT_TELL, _verdict_judge
+    from deepclean.harness.holdout import HeldOut
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 1, 4, 4, generator=g), torch.randint(0, 4, (400,), generator=g)
+    original = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    with torch.no_grad():
+        original[1].weight.zero_()  # every input gets the same logits: nothing memorised
+    other = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    pool = HeldOut(x=x[100:], y=y[100:], choice=TensorDataset(x[100:250], y[100:250]),
+                   verdict=TensorDataset(x[250:], y[250:]), source="test")
+    judge = _verdict_judge(SimpleNamespace(device=torch.device("cpu")), pool,
+                           TensorDataset(x[:100], y[:100]), original, "random", seed=0)
+    for model in (original, other):
+        v = judge(model)
+        assert v["passed"] is None and v["summary"].startswith(CANNOT_TELL), v["summary"]
+        assert v["passed_as_measured"] in (True, False)
+    assert judge(original)["passed_as_measured"] is True

@@ -48,3 +48,16 @@ def test_the_memorisation_warning_is_only_for_random_forgetting():
     rec = {"method": "original", "seed": 0, "memorisation": m}
     assert "WARNING" in memorisation_note([rec | {"scenario": "random"}])
     assert "WARNING" not in memorisation_note([rec | {"scenario": "class"}])
+
+
+def test_a_collapse_in_one_seed_is_named_though_the_mean_hides_it():
+    """Seeds 0-2: Acc_Dr 42.6, 99.0, 99.2 (mean 80.3, above half of gold's 99.6)."""
+    recs = []
+    for seed, acc_r in ((0, 42.6), (1, 99.0), (2, 99.2)):
+        recs += [_rec("original", seed, 99.8, 99.6, 90.8, 80.4),
+                 _rec("gold", seed, 91.0, 99.6, 90.7, 74.0),
+                 _rec("deepclean", seed, 90.0, acc_r, 88.0, 70.0)]
+    notes = behaviour_notes(recs)
+    assert notes == ["deepclean: collapsed in 1 seed(s) (seed 0: Acc_Dr 42.6 % against gold's "
+                     "99.6 %); the mean over seeds hides it, and that seed's forgetting numbers "
+                     "mean nothing."]

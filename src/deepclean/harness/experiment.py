@@ -421,7 +421,7 @@ def _verdict_judge(ctx: _Context, pool: HeldOut | None, forget: TensorDataset,
     else:
         retained = pool.verdict
 
-    def verdict_of(model: torch.nn.Module) -> dict[str, Any]:
+    def judge(model: torch.nn.Module) -> dict[str, Any]:
         try:
             v = forgetting_verdict(model, forget, pool.verdict, original=original,
                                    retained_holdout=retained, seed=seed, device=ctx.device)
@@ -429,7 +429,26 @@ def _verdict_judge(ctx: _Context, pool: HeldOut | None, forget: TensorDataset,
             return {"summary": f"not measurable: {exc}", "passed": None}
         return v.to_dict() | {"holdout": pool.source}
 
-    return verdict_of
+    base = judge(original)
+    if not base.get("forgotten"):
+        return lambda model: base if model is original else judge(model)
+
+    # The original already treats D_f like held-out data: it memorised too little of D_f for
+    # the verdict to tell an unlearned model from an unchanged one, so no model passes or fails.
+    def cannot_tell(model: torch.nn.Module) -> dict[str, Any]:
+        v = base if model is original else judge(model)
+        if v.get("passed") is None:
+            return v
+        return v | {"passed": None, "passed_as_measured": v["passed"],
+                    "summary": CANNOT_TELL + v["summary"].split(": ", 1)[-1]}
+
+    return cannot_tell
+
+
+#: Head of a verdict when the original model itself passes (GUIDE.md section 9: the verdict
+#: must be able to fail the original for its pass to mean anything).
+CANNOT_TELL = ("CANNOT TELL (the original model already treats D_f like held-out data: it "
+               "memorised too little of D_f for forgetting to be measured): ")
 
 
 # --- shared with the gamma sweep (deepclean.harness.sweep): data, original, split, gold, evaluation ---

@@ -87,8 +87,9 @@ def verdict_lines(records: Iterable[dict[str, Any]]) -> list[str]:
         measured = [v for _, v in items if v.get("passed") is not None]
         passed = sum(1 for v in measured if v["passed"])
         seed, first = items[0]
-        out.append(f"- {method}: passed in {passed} of {len(measured)} seed(s); seed {seed}: "
-                   f"{first['summary']}")
+        head = (f"passed in {passed} of {len(measured)} seed(s)" if measured else
+                f"no verdict in {len(items)} seed(s)")
+        out.append(f"- {method}: {head}; seed {seed}: {first['summary']}")
     return out
 
 
@@ -146,4 +147,27 @@ def behaviour_notes(records: Iterable[dict[str, Any]]) -> list[str]:
                        f"{m['acc_retain']:.2f}, Acc_test {m['acc_test']:.2f} and MIA "
                        f"{m['mia']:.2f} are those of the original model (within "
                        f"{NOOP_POINTS} points); it did not unlearn, whatever its gap to gold.")
+        if gold is not None and m["acc_retain"] >= 0.5 * gold["acc_retain"]:
+            # a collapse in some seeds that the mean over seeds hides
+            hit = [(seed, acc, gold_acc) for seed, acc, gold_acc in _per_seed_retain(records, method)
+                   if acc < 0.5 * gold_acc]
+            if hit:
+                seeds = ", ".join(f"seed {s}: Acc_Dr {a:.1f} % against gold's {g:.1f} %"
+                                  for s, a, g in hit)
+                out.append(f"{method}: collapsed in {len(hit)} seed(s) ({seeds}); the mean over "
+                           "seeds hides it, and that seed's forgetting numbers mean nothing.")
     return out
+
+
+def _per_seed_retain(records: list[dict[str, Any]], method: str
+                     ) -> list[tuple[int, float, float]]:
+    """``(seed, Acc_Dr of method, Acc_Dr of gold)`` for every seed holding both records."""
+    gold = {r.get("seed"): r["metrics"].get("acc_retain") for r in records
+            if r.get("method") == "gold"}
+    out = []
+    for r in records:
+        acc, ref = r["metrics"].get("acc_retain"), gold.get(r.get("seed"))
+        if r.get("method") == method and isinstance(acc, (int, float)) \
+                and isinstance(ref, (int, float)):
+            out.append((r.get("seed"), float(acc), float(ref)))
+    return sorted(out)

@@ -278,6 +278,16 @@ def _config_from_args(args: argparse.Namespace):
             f"--forget-indices is used only by the scenario 'indices', but --scenarios is "
             f"{','.join(args.scenarios)}; add 'indices' to --scenarios or drop --forget-indices"
         )
+    if args.scenarios is not None:  # a flag of a scenario not run would be ignored silently
+        for flag, value, scenario in (("--forget-class", args.forget_class, "class"),
+                                      ("--gamma-class", args.gamma_class, "class"),
+                                      ("--forget-fraction", args.forget_fraction, "random"),
+                                      ("--gamma-random", args.gamma_random, "random")):
+            if value is not None and scenario not in args.scenarios:
+                raise ConfigurationError(
+                    f"{flag} is used only by the scenario '{scenario}', but --scenarios is "
+                    f"{','.join(args.scenarios)}; add '{scenario}' to --scenarios or drop {flag}"
+                )
     dataset = args.dataset or "fashion-mnist"
     fields: dict[str, Any] = preset(args.preset, dataset)
     fields["dataset"] = dataset

@@ -25,6 +25,14 @@ def test_methods_lists_every_method_with_a_reference(capsys):
     (["run", "--hp", "deepclean.wings=2"], "no hyperparameter ['wings']"),
     (["run", "--dataset", "cifar10"], "--data-dir"),
     (["run", "--forget-indices", "/nonexistent.json"], "does not exist"),
+    (["run", "--scenarios", "random", "--forget-class", "3"],
+     "--forget-class is used only by the scenario 'class'"),
+    (["run", "--scenarios", "random", "--gamma-class", "5"],
+     "--gamma-class is used only by the scenario 'class'"),
+    (["run", "--scenarios", "class", "--forget-fraction", "0.3"],
+     "--forget-fraction is used only by the scenario 'random'"),
+    (["run", "--scenarios", "class", "--gamma-random", "5"],
+     "--gamma-random is used only by the scenario 'random'"),
 ])
 def test_bad_input_fails_fast_with_a_clear_message(argv, message, capsys, tmp_path):
     argv = argv + ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]

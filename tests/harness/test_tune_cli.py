@@ -41,7 +41,7 @@ def test_tune_writes_one_search_per_method_with_the_same_budget(tuned):
     assert "| deepclean |" in (tuned / "tune" / "tuning.md").read_text()
 
 
-def test_tuning_scores_on_the_validation_half_and_the_run_reports_the_other(tuned):
+def test_tuning_scores_on_the_validation_half_and_the_run_reports_the_other(tuned, capsys):
     data = load_dataset("digits")
     val, report = test_halves(int(data.test_x.shape[0]), seed=0)
     search = json.loads((tuned / "tune" / "tuning" / "class_finetune.json").read_text())
@@ -49,7 +49,7 @@ def test_tuning_scores_on_the_validation_half_and_the_run_reports_the_other(tune
     # every accuracy is a multiple of 100 / |validation half|
     assert abs(gold["acc_test"] * len(val) / 100 - round(gold["acc_test"] * len(val) / 100)) < 1e-6
     out = tuned / "run"
-    argv = ["run", *COMMON, "--methods", "finetune,deepclean", "--scenarios", "class",
+    argv = ["run", *COMMON, "--methods", "finetune,deepclean,zero_weights", "--scenarios", "class",
             "--hp-file", str(tuned / "tune" / "hyperparameters.json"), "--hp", "finetune.lr=0.001",
             "--out", str(out), "--cache-dir", str(tuned / "cache")]
     assert main(argv) == 0
@@ -72,7 +72,12 @@ def test_tuning_scores_on_the_validation_half_and_the_run_reports_the_other(tune
     assert rec["metrics"]["acc_test"] == pytest.approx(acc, abs=1e-9)
     assert json.loads((out / "config.json").read_text())["test_half"] == "report"
     table = (out / "results.md").read_text()
-    assert "Hyperparameters: deepclean tuned, finetune tuned+user." in table
+    assert ("Hyperparameters: deepclean tuned, finetune tuned+user, zero_weights defaults (not "
+            "in --hp-file).") in table
+    zw = json.loads((out / "results" / "digits_small_cnn_class_zero_weights_seed0.json")
+                    .read_text())
+    assert zw["hp_source"] == "defaults (not in --hp-file)"  # zero_weights was not tuned
+    assert "zero_weights: warning: the hyperparameter file holds no values" in capsys.readouterr().out
 
 
 def test_tune_and_hp_file_refusals(tuned, tmp_path, capsys):

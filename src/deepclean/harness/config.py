@@ -256,11 +256,18 @@ def _validate_tuned(cfg: ExperimentConfig) -> None:
 
 def hp_source(cfg: ExperimentConfig, name: str, scenario: str) -> str:
     """Where a method's hyperparameters came from: "defaults", "tuned" (``--hp-file``), "user"
-    (``--hp``) or "tuned+user"."""
+    (``--hp``), "tuned+user", or "defaults (not in --hp-file)" when a hyperparameter file was
+    given but holds no values of this method for this scenario."""
     tuned = bool(cfg.tuned_hyperparameters.get(scenario, {}).get(name))
     user = bool(cfg.hyperparameters.get(name))
+    if not (tuned or user) and cfg.tuned_hyperparameters:
+        return NOT_IN_HP_FILE
     return {(False, False): "defaults", (True, False): "tuned", (False, True): "user",
             (True, True): "tuned+user"}[(tuned, user)]
+
+
+#: :func:`hp_source` of a method run at its defaults although a hyperparameter file was given.
+NOT_IN_HP_FILE = "defaults (not in --hp-file)"
 
 
 def _validate_more(cfg: ExperimentConfig) -> None:

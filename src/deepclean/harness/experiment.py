@@ -59,6 +59,7 @@ from deepclean.harness.cache import (
     gold_seed,
 )
 from deepclean.harness.config import (
+    NOT_IN_HP_FILE,
     PRESETS,
     TEST_HALVES_SEED,
     ExperimentConfig,
@@ -365,6 +366,10 @@ def _run_scenario(
             ctx.log(f"  {name}: reused the finished result of an earlier run")
             continue
         ctx.log(f"  unlearning with {name} ...")
+        if hp_source(cfg, name, scenario) == NOT_IN_HP_FILE:
+            ctx.log(f"  {name}: warning: the hyperparameter file holds no values of {name} for "
+                    f"{scenario} forgetting; it runs at its defaults (tune it with deepclean "
+                    "tune, or drop it from --methods)")
         started_at = utc_now()
         synchronize(device)
         start = time.perf_counter()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deepclean.errors import ConfigurationError, DeepCleanError
+from deepclean.validation import num_workers_argument as _workers
 
 __all__ = ["main", "build_parser"]
 
@@ -402,19 +403,6 @@ def _minutes(text: str) -> float:
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number of minutes > 0, got {text!r}")
-    return value
-
-
-def _workers(text: str) -> int:
-    """An integer >= 0 (``--num-workers``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of worker processes >= 0 (0 reads in the main process), "
-            f"got {text!r}")
     return value
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "sample_ids",
     "check_parameter_keys",
     "check_same_split",
+    "num_workers_argument",
 ]
 
 def check_trainable(model: Any) -> None:
@@ -329,3 +330,19 @@ def check_index_values(indices: Sequence[Any], label: str = "forget indices") ->
             )
         out.append(int(v.__index__()))
     return out
+
+
+def num_workers_argument(text: str) -> int:
+    """The ``type=`` of every ``--num-workers`` option (``deepclean run``, ``deepclean forget``):
+    an integer >= 0, else :class:`argparse.ArgumentTypeError` in the option's own words."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of worker processes >= 0 (0 reads in the main process), "
+            f"got {text!r}")
+    return value

@@ -439,3 +439,136 @@ def test_worked_example_at_small_scale(tmp_path):
         audit = json.loads((tmp_path / "ex" / name / "audit.json").read_text())
         assert len(audit["forgotten"]["paths"]) == n
         assert audit["weights"]["input"]["unchanged"] is True
+
+
+# ------------------------------------------------------- findings of a new-user test (h-forgetfix)
+
+
+def test_a_pass_that_cannot_tell_an_unlearned_model_from_an_unchanged_one_is_not_verified():
+    """The original already treats D_f like held-out data: the verdict passes for any model, so a
+    pass proves nothing; the record says CANNOT VERIFY and ``verified`` is False (exit 3)."""
+    g = torch.Generator().manual_seed(0)
+    x, xh = torch.randn(80, 4, generator=g), torch.randn(80, 4, generator=g)
+    y, yh = torch.arange(80) % 2, torch.arange(80) % 2
+    model = nn.Linear(4, 2)  # constant logits: memorised nothing, D_f looks like held-out data
+    changed = nn.Linear(4, 2)
+    with torch.no_grad():
+        for m, b in ((model, 0.0), (changed, 1e-3)):
+            m.weight.zero_()
+            m.bias.fill_(b)
+    rec = verify(model, changed, TensorDataset(x, y), list(range(20)), TensorDataset(xh, yh))
+    assert rec["original_verdict"]["forgotten"] is True and rec["verdict"]["passed"] is True
+    assert rec["unchanged"] is False
+    assert rec["verified"] is False and rec["status"] == "cannot verify"
+    assert rec["summary"].startswith("CANNOT VERIFY: the original model already passes")
+
+
+def test_cli_verify_exits_3_when_the_original_already_looks_unseen(case, tmp_path, capsys):
+    r = case["root"]
+    untrained = tiny_model()  # never saw the noise images: D_f already looks like held-out data
+    torch.save(untrained.state_dict(), tmp_path / "untrained.pt")
+    with torch.no_grad():
+        untrained[3].bias.add_(1e-3)
+    save_file(untrained.state_dict(), str(tmp_path / "nudged.safetensors"))
+    rc = main(["verify", *_args(case, "--unlearned", str(tmp_path / "nudged.safetensors"),
+                                "--forget", str(r / "forget_paths.txt"), "--holdout",
+                                str(r / "holdout"), weights=tmp_path / "untrained.pt")])
+    out = capsys.readouterr().out
+    assert out.startswith("CANNOT VERIFY: the original model already passes this check"), out
+    assert rc == 3
+    assert "CANNOT VERIFY" in (ROOT / "docs" / "forget.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "nosuch"], "unknown method 'nosuch'"),
+    (["--method", "finetune", "--hp", "epochs=abc"], "epochs must be an int >= 0, got 'abc'"),
+    (["--hp", "nosuch=1"], "has no hyperparameter ['nosuch']"),
+    (["--method", "finetune", "--gamma", "3"], "method 'finetune' has no threshold gamma"),
+    (["--hp", "seed=3"], "use --seed"),
+    (["--gamma", "2", "--hp", "gamma=3"], "gamma given twice"),
+    (["--gamma", "auto"], "pass --holdout"),
+])
+def test_cli_method_options_are_refused_before_any_loading(tmp_path, capsys, extra, message):
+    """Data and weights that do not exist: the option must be refused first, in one line, without
+    the 'deepclean forget: ... samples' header."""
+    rc = main(["forget", "--model", "small_cnn", "--weights", str(tmp_path / "none.pt"), "--data",
+               str(tmp_path / "none.npz"), "--forget", str(tmp_path / "none.txt"), "--out",
+               str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1 and "samples, method" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_negative_num_workers_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["forget", "--model", "small_cnn", "--weights", str(tmp_path / "none.pt"), "--data",
+              str(tmp_path / "none.npz"), "--forget", str(tmp_path / "none.txt"),
+              "--num-workers", "-1"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert ("argument --num-workers: expected a number of worker processes >= 0 (0 reads in the "
+            "main process), got '-1'") in err
+
+
+def test_weights_that_disagree_with_the_data_the_model_was_built_from_say_so(tmp_path, capsys):
+    """small_cnn takes its input channels and classes from --data: a 3-channel .npz or labels
+    10-19 for 1-channel, 10-class weights is a data problem, and the message says so."""
+    from deepclean.data.models import build_model
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", x=rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, 30))
+    np.savez(tmp_path / "labels.npz", x=rng.integers(0, 256, (30, 8, 8), dtype=np.uint8),
+             y=rng.integers(10, 20, 30))
+    small = build_model("small_cnn", in_channels=1, num_classes=10, width=0.25, seed=0)
+    save_file(small.state_dict(), str(tmp_path / "w.safetensors"))
+    (tmp_path / "f.txt").write_text("0\n1\n")
+
+    def run(data: str) -> str:
+        rc = main(["forget", "--model", "small_cnn", "--width", "0.25", "--weights",
+                   str(tmp_path / "w.safetensors"), "--data", str(tmp_path / data), "--forget",
+                   str(tmp_path / "f.txt"), "--out", str(tmp_path / "o"), "--hp", "epochs=1"])
+        assert rc == 2
+        return capsys.readouterr().err
+
+    err = run("rgb.npz")
+    assert "the model built for this data has 3 input channels (from --data" in err
+    assert "but the weights file has 1: check --data (channels" in err
+    err = run("labels.npz")
+    assert "the model built for this data has 20 classes (from --data" in err
+    assert "but the weights file has 10: check --data (label range) or pass --num-classes" in err
+    # a factory model decides its own shape: no such sentence
+    assert "built for this data" not in str(pytest.raises(
+        CheckpointError, load_user_weights, tiny_model(), tmp_path / "w.safetensors").value)
+
+
+def test_a_whole_model_pickle_is_refused_in_one_plain_line(tmp_path):
+    torch.save(tiny_model(), tmp_path / "whole.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_user_weights(tiny_model(), tmp_path / "whole.pt")
+    text = str(err.value)
+    assert "\x1b" not in text and "\n" not in text
+    assert "weights_only=False" not in text and "..." not in text
+    assert "the file holds Python objects other than tensors" in text
+    assert "torch.save(model.state_dict(), path)" in text and ".safetensors" in text
+
+
+def test_worked_example_pins_one_cpu_thread():
+    """docs/forget.md shows the output of one CPU thread; the script must run with one."""
+    script = (ROOT / "examples" / "forget_image_folder.sh").read_text()
+    assert "export OMP_NUM_THREADS=1" in script
+    assert "--threads 1" in script
+
+
+def test_num_classes_help_and_docs_agree_with_the_code():
+    import argparse
+
+    from deepclean.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["forget"]._actions}
+    assert "default: the number of classes in --data" in helps["num_classes"]
+    doc = (ROOT / "docs" / "forget.md").read_text()
+    assert "`torchvision:NAME` with `--num-classes`" not in doc
+    assert "the number of classes in `--data`" in doc

@@ -14,7 +14,9 @@ reference models retrained without D_f and is reported as not available); and th
 verdict of :func:`deepclean.evaluation.verdict.forgetting_verdict` (accuracy gap, per-example attack AUC or,
 for fewer than 10 samples, the loss percentile; class forgetting: accuracy near 0; utility on
 held-out samples of the retained classes against the original's). Without held-out data the
-record says what cannot be verified and ``verified`` is False.
+record says what cannot be verified and ``verified`` is False; so does it when the original
+model already passes the verdict (nothing measurable was memorised: the check cannot tell an
+unlearned model from an unchanged one).
 """
 
 from __future__ import annotations
@@ -222,8 +224,11 @@ def verify(
         (per ``"original"``/``"unlearned"``: ``acc_forget``, ``acc_retain_sample``,
         ``acc_matched_holdout``, ``attack_auc``, ``loss_percentile``, ``mia_family``; accuracies
         in %), ``verdict`` (:meth:`ForgettingVerdict.to_dict` of the unlearned model),
-        ``original_verdict`` (the same for the original: if it already passes, nothing
-        measurable was memorised and ``notes`` says so), ``unchanged`` (the unlearned model's
+        ``original_verdict`` (the same for the original: if it already treats D_f like
+        held-out data, nothing measurable was memorised, ``notes`` says so, and a passing
+        verdict cannot tell the unlearned model from an unchanged one: ``verified`` is False,
+        ``status`` ``"cannot verify"`` and the summary starts with ``CANNOT VERIFY``),
+        ``unchanged`` (the unlearned model's
         parameters and buffers are bitwise the original's: then ``verified`` is False whatever
         the verdict, and the summary starts with ``NOT UNLEARNED``), ``cannot_verify`` (list of
         strings) and ``notes``.
@@ -350,12 +355,19 @@ def _verify(
             "of D_f for forgetting to be measurable); the verdict cannot tell an unlearned model "
             "from an unchanged one here")
     summary = verdict.summary_line()
+    # the verdict passes for the original too: it cannot tell an unlearned model from an
+    # unchanged one, so a pass proves nothing (status "cannot verify", never verified)
+    indistinct = bool(verdict.passed) and bool(original_verdict.forgotten) and not unchanged
     if unchanged:  # whatever the verdict says, nothing was unlearned
         summary = ("NOT UNLEARNED: the model's weights and buffers are identical to the "
                    "original's; " + summary.split(": ", 1)[-1])
+    elif indistinct:
+        summary = ("CANNOT VERIFY: the original model already passes this check, so it cannot "
+                   "tell an unlearned model from an unchanged one; " + summary.split(": ", 1)[-1])
+    passed = bool(verdict.passed) and not unchanged and not indistinct
     record.update(
-        verified=bool(verdict.passed) and not unchanged,
-        status="verified" if verdict.passed and not unchanged else "not verified",
+        verified=passed,
+        status="verified" if passed else "cannot verify" if indistinct else "not verified",
         unchanged=unchanged, summary=summary, verdict=verdict.to_dict(),
         original_verdict=original_verdict.to_dict(), n_holdout=len(yh),
         n_matched_holdout=len(ym), n_retained_holdout=int(rh.sum()) if retained else 0,

@@ -14,7 +14,9 @@ is staged in a temporary folder and moved into place only when all are complete.
 weights file is only read (its SHA-256 is checked before and after).
 
 Exit status: 0 verified (D_f now looks like held-out data and utility was kept), 3 not verified
-(or not verifiable: no ``--holdout``), 2 bad input, 1 a file system error.
+or not verifiable (``NOT FORGOTTEN``, ``NOT UNLEARNED``, ``CANNOT VERIFY``: no ``--holdout``, or
+the original model already treats D_f like held-out data, so the check cannot tell an unlearned
+model from an unchanged one), 2 bad input, 1 a file system error.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from deepclean.errors import CheckpointError, ConfigurationError
+from deepclean.validation import num_workers_argument
 
 __all__ = [
     "EXIT_NOT_VERIFIED",
@@ -85,8 +88,9 @@ def _positive_int(text: str) -> int:
 def _common(p: argparse.ArgumentParser, *, verify: bool) -> None:
     p.add_argument("--model", required=True, metavar="SPEC",
                    help="path/to/file.py:function or package.module:function (called with no "
-                   "arguments), torchvision:NAME (with --num-classes), or resnet18, vgg16_bn, "
-                   "small_cnn (channels and classes from the data, --width)")
+                   "arguments), torchvision:NAME (outputs: --num-classes, default the classes "
+                   "in the data), or resnet18, vgg16_bn, small_cnn (channels from the data, "
+                   "classes from the data or --num-classes, --width)")
     p.add_argument("--weights", required=True, metavar="FILE",
                    help="the trained weights: .safetensors, or a .pt/.pth state dict (read with "
                    "torch.load(weights_only=True)); module. / _orig_mod. prefixes are accepted"
@@ -105,7 +109,9 @@ def _common(p: argparse.ArgumentParser, *, verify: bool) -> None:
                    "(not the test set you report on); used by --gamma auto and the verification")
     p.add_argument("--data-dir", help="folder of a built-in data set's files (data set names)")
     p.add_argument("--num-classes", type=_positive_int,
-                   help="outputs of a torchvision:NAME model (default: classes in the data)")
+                   help="outputs of a torchvision:NAME, resnet18, vgg16_bn or small_cnn model "
+                   "(default: the number of classes in --data); a file/module factory decides "
+                   "its own")
     p.add_argument("--width", type=float, default=1.0,
                    help="channel-width multiplier of resnet18, vgg16_bn, small_cnn (default 1.0)")
     p.add_argument("--image-size", type=_positive_int, metavar="N",
@@ -129,7 +135,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "forget", help="unlearn a deletion request from your own model and data, and verify it",
         description="Unlearn the samples named by --forget (or a class) from the model, write "
         "the unlearned weights, an audit record and a verification against held-out data. "
-        "Exit status: 0 verified, 3 not verified (or no --holdout), 2 bad input.")
+        "Exit status: 0 verified, 3 not verified or not verifiable (no --holdout, or the "
+        "original model already treats D_f like held-out data: CANNOT VERIFY), 2 bad input.")
     _common(f, verify=False)
     f.add_argument("--method", default="deepclean",
                    help="unlearning method (default deepclean; see 'deepclean methods')")
@@ -144,14 +151,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--no-store-indices", action="store_true",
                    help="record only hashes of what was forgotten, not the indices or paths")
     f.add_argument("--progress", action="store_true", help="show the method's progress bars")
-    f.add_argument("--num-workers", type=int, default=0, metavar="N",
+    f.add_argument("--num-workers", type=num_workers_argument, default=0, metavar="N",
                    help="DataLoader worker processes of methods that stream their data; does not "
                    "change results; default 0")
 
     v = sub.add_parser(
         "verify", help="check that an unlearned model treats the forgotten data like unseen data",
         description="Compare the original and the unlearned model on D_f against held-out "
-        "samples drawn like it. Exit status: 0 verified, 3 not verified, 2 bad input.")
+        "samples drawn like it. Exit status: 0 verified, 3 not verified or not verifiable "
+        "(CANNOT VERIFY: the original model already treats D_f like held-out data, so the check "
+        "cannot tell an unlearned model from an unchanged one), 2 bad input.")
     _common(v, verify=True)
     v.add_argument("--unlearned", required=True, metavar="FILE",
                    help="the unlearned weights (same formats as --weights)")
@@ -204,12 +213,66 @@ def _load_data(args: argparse.Namespace):
 
 
 def _model(args: argparse.Namespace, data, weights: str, option: str = "--weights"):
+    from deepclean.data.models import available_models
     from deepclean.deletion.usermodel import build_user_model, load_user_weights
 
     model = build_user_model(args.model, num_classes=args.num_classes or data.num_classes,
                              in_channels=data.in_channels, width=args.width, seed=args.seed)
-    info = load_user_weights(model, weights, option=option)
+    inferred: dict[str, int] = {}  # what the model took from the data (not from options)
+    spec = args.model.strip()
+    if spec in available_models() or spec.startswith("torchvision:"):
+        if args.num_classes is None:
+            inferred["num_classes"] = data.num_classes
+        if spec in available_models():
+            inferred["in_channels"] = data.in_channels
+    info = load_user_weights(model, weights, option=option, inferred=inferred,
+                             inferred_from=f"--data {args.data}")
     return model, info
+
+
+def _method_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """``--method``, ``--hp`` and ``--gamma`` checked before any loading: the method's name, the
+    hyperparameters' names and values (the method is built once with them, which validates them);
+    returns the hyperparameters to pass to :func:`deepclean.deletion.api.forget`.
+
+    Raises:
+        ConfigurationError: an unknown method or hyperparameter, an invalid value, gamma given
+            twice or to a method without one, ``--gamma auto`` without ``--holdout``.
+    """
+    import inspect
+
+    from deepclean.methods import make_method, method_class
+
+    cls = method_class(args.method)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    hp = dict(args.hp)
+    for reserved in ("seed", "device", "progress", "holdout", "num_workers"):
+        if reserved in hp:
+            raise ConfigurationError(f"--hp {reserved}=... is not a hyperparameter; use "
+                                     f"--{reserved.replace('_', '-')} (holdout: --holdout SPEC)")
+    if args.gamma is not None:
+        if "gamma" in hp:
+            raise ConfigurationError("gamma given twice (--gamma and --hp gamma=...); pass one")
+        if "gamma" not in accepted:
+            raise ConfigurationError(f"--gamma: method {args.method!r} has no threshold gamma "
+                                     "(DeepClean and zero_weights have one); leave --gamma out")
+        hp["gamma"] = args.gamma
+    if hp.get("gamma") == "auto" and args.holdout is None:
+        raise ConfigurationError(
+            "--gamma auto chooses DeepClean's threshold on held-out data; pass --holdout SPEC "
+            "(samples the model never trained on), or a number such as --gamma 1.1")
+    probe = {k: v for k, v in hp.items() if not (k == "gamma" and v == "auto")}
+    extra: dict[str, Any] = {"seed": args.seed}
+    if "num_workers" in accepted:
+        extra["num_workers"] = args.num_workers
+    try:
+        make_method(args.method, **probe, **extra)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--hp: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # a value of the wrong type the method did not check
+        raise ConfigurationError(f"--hp: {' '.join(str(exc).split())}; "
+                                 "check the values (e.g. epochs=1, lr=0.001)") from exc
+    return hp
 
 
 def _check_fits(model, data) -> None:
@@ -425,20 +488,12 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     from deepclean.deletion.usermodel import file_sha256, save_like
 
     out = Path(args.out)
+    hp = _method_hyperparameters(args)  # before any loading
     _check_out(out)
     device = _resolve_device(args.device)
     data, ids, holdout = _load_data(args)
     model, weights_in = _model(args, data, args.weights)
     _check_fits(model, data)
-    hp = dict(args.hp)
-    if args.gamma is not None:
-        if "gamma" in hp:
-            raise ConfigurationError("gamma given twice (--gamma and --hp gamma=...); pass one")
-        hp["gamma"] = args.gamma
-    if hp.get("gamma") == "auto" and holdout is None:
-        raise ConfigurationError(
-            "--gamma auto chooses DeepClean's threshold on held-out data; pass --holdout SPEC "
-            "(samples the model never trained on), or a number such as --gamma 1.1")
     print(f"deepclean forget: {len(ids)} of {len(data)} samples, method {args.method}, "
           f"device {device}", file=sys.stderr)
     unlearned, record = forget(model, data, ids, holdout=holdout, method=args.method,
@@ -477,7 +532,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     finally:
         staging.discard()
     _print_summary(record)
-    if record["status"] == "cannot verify":
+    if record["status"] == "cannot verify" and holdout is None:
         print("not verifiable without --holdout: " + "; ".join(record["cannot_verify"]))
     gamma = record["unlearning"].get("gamma")
     gamma_text = f"{gamma:.4g}" if isinstance(gamma, (int, float)) else str(gamma)
@@ -526,7 +581,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``deepclean forget`` or ``deepclean verify``; returns the exit status (0 verified, 3
-    not verified). Errors propagate as :class:`deepclean.errors.DeepCleanError` (exit 2 in
+    not verified or not verifiable). Errors propagate as :class:`deepclean.errors.DeepCleanError` (exit 2 in
     :func:`deepclean.cli.main`)."""
     import torch
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -219,6 +220,24 @@ class WeightsFile:
                 "tensors": len(self.names)}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _load_failure(exc: BaseException, limit: int = 160) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one plain line: ANSI escape codes
+    removed, torch's advice (which includes re-running with ``weights_only=False``, i.e.
+    executing the file's pickle) left out, at most ``limit`` characters cut at a word."""
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    kind = type(exc).__name__
+    if "Weights only load failed" in text or "weights_only" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" (it pickles {found.group(1)})" if found else ""
+        return f"{kind}: the file holds Python objects other than tensors{what}"
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:.") + " ..."
+    return f"{kind}: {text}" if text else kind
+
+
 def _read_state(path: Path, option: str = "--weights") -> tuple[dict[str, Any], str]:
     if path.is_dir():
         raise CheckpointError(f"{option} {path} is a folder; expected a weights file "
@@ -229,12 +248,11 @@ def _read_state(path: Path, option: str = "--weights") -> tuple[dict[str, Any], 
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling refusal becomes one clear error
-            detail = " ".join(str(exc).split())[:200]
             raise CheckpointError(
                 f"{option} {path} could not be loaded with torch.load(weights_only=True) "
-                f"({type(exc).__name__}: {detail}). Expected an intact state dict of tensors, "
-                "saved with torch.save(model.state_dict(), path) (not the model object); a "
-                "truncated or corrupt file needs to be saved again.") from exc
+                f"({_load_failure(exc)}). Expected an intact state dict of tensors: save it "
+                "with torch.save(model.state_dict(), path) (not the model object) or as "
+                ".safetensors; a truncated or corrupt file needs to be saved again.") from exc
         if isinstance(state, dict):
             for wrapper in ("state_dict", "model", "model_state_dict"):
                 if isinstance(state.get(wrapper), dict) and not any(
@@ -254,11 +272,43 @@ def _read_state(path: Path, option: str = "--weights") -> tuple[dict[str, Any], 
     return state, "safetensors"
 
 
+def _from_data_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                        names: Mapping[str, str], inferred: Mapping[str, int],
+                        source: str) -> str | None:
+    """For a model built from the data (``inferred``: its ``in_channels`` and/or ``num_classes``),
+    the sentence saying which of them the weights file disagrees with, or None."""
+    matrices = [k for k, v in own.items() if v.ndim >= 2 and k in names]
+    if not matrices:
+        return None
+    first, last = matrices[0], [k for k in matrices if own[k].ndim == 2][-1:] or [matrices[-1]]
+    ours, theirs, what = [], [], []
+    if "in_channels" in inferred and state[names[first]].ndim == own[first].ndim \
+            and state[names[first]].shape[1] != own[first].shape[1]:
+        what.append("input channels")
+        ours.append(str(own[first].shape[1]))
+        theirs.append(str(state[names[first]].shape[1]))
+    if "num_classes" in inferred and state[names[last[0]]].shape[0] != own[last[0]].shape[0]:
+        what.append("classes")
+        ours.append(str(own[last[0]].shape[0]))
+        theirs.append(str(state[names[last[0]]].shape[0]))
+    if not what:
+        return None
+    return (f"the model built for this data has {' / '.join(ours)} {' / '.join(what)} (from "
+            f"{source}), but the weights file has {' / '.join(theirs)}: check --data ("
+            + ", ".join((["channels, --grayscale"] if "input channels" in what else [])
+                        + (["label range"] if "classes" in what else []))
+            + (") or pass --num-classes N" if "classes" in what else ")"))
+
+
 def load_user_weights(model: nn.Module, path: str | Path, *,
-                      option: str = "--weights") -> WeightsFile:
+                      option: str = "--weights", inferred: Mapping[str, int] | None = None,
+                      inferred_from: str = "--data") -> WeightsFile:
     """Load ``--weights`` into ``model`` in place (strict), after checking every key and shape.
 
     ``option`` names the file in error messages (``"--unlearned"`` for ``deepclean verify``).
+    ``inferred``: the ``in_channels`` and/or ``num_classes`` the model was built with from the
+    data (``inferred_from``); a file that disagrees with them is reported as a data problem
+    (wrong channels or label range) before the shape list.
 
     Returns:
         A :class:`WeightsFile` describing the file (hash, prefix, key names, dtypes).
@@ -298,6 +348,11 @@ def load_user_weights(model: nn.Module, path: str | Path, *,
                          f"{unexpected[:_SHOW]}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:_SHOW])}")
+        hint = (_from_data_mismatch(own, state, names, inferred, inferred_from)
+                if inferred and shapes else None)
+        if hint is not None:
+            raise CheckpointError(f"{option} {p} does not fit --model: {hint} ("
+                                  + "; ".join(parts) + ")")
         raise CheckpointError(
             f"{option} {p} does not fit --model: " + "; ".join(parts) + ". Build the same "
             "architecture (and number of classes, width) the weights were trained with.")

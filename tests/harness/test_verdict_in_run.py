@@ -81,7 +81,7 @@ def test_held_out_halves_are_disjoint_and_never_the_training_subset():
     again = held_out(data, subset, seed=0, test_half="report", validation=val)
     assert torch.equal(again.choice.tensors[0], xc)  # same seed, same halves
     everything = held_out(data, torch.arange(100), seed=0, test_half="all", validation=val)
-    assert everything.source.startswith("validation half of the test set (also reported")
+    assert everything.source.startswith("validation half of the test set, also reported")
     assert len(everything.choice) == len(everything.verdict) == 10
 
 

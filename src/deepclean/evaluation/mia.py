@@ -57,7 +57,8 @@ __all__ = [
 DIRECTIONS: dict[str, str] = {
     "entropy_lr": "% of D_f called member; ideal = gold's value",
     "efficacy": "% of D_f called non-member; ideal = gold's value",
-    "loss_lr_accuracy": "attack accuracy % D_f vs test; ideal = gold's value (about 50)",
+    "loss_lr_accuracy": ("attack accuracy % D_f vs test; ideal = gold's value (about 50 under "
+                         "random forgetting, higher under class forgetting)"),
     "lira_auc": "AUC D_f vs test; ideal 0.5",
     "lira_tpr_at_1fpr": "TPR % at 1 % FPR; ideal 1",
 }

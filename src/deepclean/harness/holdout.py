@@ -78,7 +78,7 @@ def held_out(data: ImageData, subset: torch.Tensor, *, seed: int, test_half: str
         x, y = validation
         source = "validation half of the test set"
         if test_half == "all":
-            source += " (also reported: pass --test-half report to keep them apart)"
+            source += ", also reported: pass --test-half report to keep them apart"
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(20_000 + seed))
     half = min(max(len(y) // 2, 1), max_half)
     choice, verdict = perm[:half], perm[half:2 * half]

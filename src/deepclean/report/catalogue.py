@@ -54,7 +54,7 @@ METRICS: dict[str, Metric] = {m_key: m for m_key, m in [
                             lambda r: get_field(r, "mia_family", "efficacy"), 2, "= gold")),
     ("loss_lr", Metric("Loss-LR acc. (%)", "Loss-LR attack accuracy (%)",
                        lambda r: get_field(r, "mia_family", "loss_lr_accuracy"), 2,
-                       "= gold (about 50)")),
+                       "= gold")),
     ("lira_auc", Metric("LiRA AUC", "LiRA AUC, D_f vs test",
                         lambda r: get_field(r, "mia_family", "lira", "auc"), 3, "0.5")),
     ("lira_tpr", Metric("LiRA TPR@1%FPR (%)", "LiRA TPR at 1 % FPR (%)",

@@ -233,6 +233,11 @@ def _run_experiment(
         for model_name in config.models:
             log(f"[seed {seed}] {config.dataset} / {model_name} (width {config.width}): "
                 f"{x_train.shape[0]} training samples, device {device}")
+            if torch.device(device).type == "cpu" and config.width >= 1.0 \
+                    and model_name != "small_cnn" and x_train.shape[0] > 20_000:
+                log("  warning: a full-width model on more than 20,000 training images on a CPU "
+                    "takes hours per trained model (original, gold); the default preset "
+                    "(--preset default) is sized for a CPU")
             original, original_meta = _original_model(
                 ctx, model_name=model_name, seed=seed, subset=subset, x_train=x_train,
                 y_train=y_train,

@@ -294,33 +294,7 @@ def prepare_inputs(
             set), non-float or non-finite inputs, non-integer labels, inputs the model does not
             accept, or labels outside the model's outputs.
     """
-
-    check_trainable(model)
-    model = unwrap_model(model)
-    _check_sizes(forget, retain)
-    check_unique(forget, "forget set D_f")
-    check_unique(retain, "retain set D_r")
-    check_disjoint(forget, retain)
-    xf, yf = as_tensors(forget)
-    xr, yr = as_tensors(retain)
-    check_inputs(xf, yf, "forget set D_f")
-    check_inputs(xr, yr, "retain set D_r")
-    if xf.shape[1:] != xr.shape[1:]:
-        raise DataError(
-            f"D_f samples have shape {tuple(xf.shape[1:])} but D_r samples "
-            f"{tuple(xr.shape[1:])}; expected the same input shape"
-        )
-    first = next(model.parameters(), None)
-    if device is None:
-        dev = first.device if first is not None else torch.device("cpu")
-    else:
-
-        dev = resolve_device(device)
-    work = copy.deepcopy(model).to(dev)
-    outputs = check_forward(work, xf, "forget set D_f")
-    check_labels_fit(yf, outputs, "forget set D_f")
-    check_labels_fit(yr, outputs, "retain set D_r")
-    return work, xf, yf, xr, yr, dev
+    return _checked_copy(model, forget, retain, device, read=_whole)
 
 
 def prepare_datasets(
@@ -350,14 +324,25 @@ def prepare_datasets(
     if in_memory(forget) and in_memory(retain):
         work, xf, yf, xr, yr, dev = prepare_inputs(model, forget, retain, device)
         return work, TensorDataset(xf, yf), TensorDataset(xr, yr), dev
+    work, *_, dev = _checked_copy(model, forget, retain, device, read=_first_batch)
+    return work, forget, retain, dev
+
+
+def _checked_copy(
+    model: nn.Module, forget: Dataset, retain: Dataset, device: str | torch.device | None, *,
+    read: Callable[[Dataset, str], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.device]:
+    """The checks of :func:`prepare_inputs` and :func:`prepare_datasets` on the samples that
+    ``read(set, label)`` returns (checked by ``check_inputs``): the whole set, or its first
+    batch; then the model's private copy on the device."""
     check_trainable(model)
     model = unwrap_model(model)
     _check_sizes(forget, retain)
     check_unique(forget, "forget set D_f")
     check_unique(retain, "retain set D_r")
     check_disjoint(forget, retain)
-    xf, yf = _first_batch(forget, "forget set D_f")
-    xr, yr = _first_batch(retain, "retain set D_r")
+    xf, yf = read(forget, "forget set D_f")
+    xr, yr = read(retain, "retain set D_r")
     if xf.shape[1:] != xr.shape[1:]:
         raise DataError(
             f"D_f samples have shape {tuple(xf.shape[1:])} but D_r samples "
@@ -367,7 +352,7 @@ def prepare_datasets(
     outputs = check_forward(work, xf, "forget set D_f")
     check_labels_fit(yf, outputs, "forget set D_f")
     check_labels_fit(yr, outputs, "retain set D_r")
-    return work, forget, retain, dev
+    return work, xf, yf, xr, yr, dev
 
 
 def _check_sizes(forget: Dataset, retain: Dataset) -> None:
@@ -378,17 +363,23 @@ def _check_sizes(forget: Dataset, retain: Dataset) -> None:
             )
 
 
+def _whole(ds: Dataset, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole set as tensors, checked by ``check_inputs``."""
+    x, y = as_tensors(ds)
+    check_inputs(x, y, label)
+    return x, y
+
+
 def _first_batch(ds: Dataset, label: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole set if in memory, else its first batch; checked by ``check_inputs``."""
     if in_memory(ds):
-        x, y = as_tensors(ds)
-    else:
-        try:
-            batches = stream_batches(ds, batch_size=FIRST_BATCH)
-            x, y = next(batches)
-            batches.close()
-        except DataError as exc:
-            raise DataError(f"the {label}: {exc}") from exc
+        return _whole(ds, label)
+    try:
+        batches = stream_batches(ds, batch_size=FIRST_BATCH)
+        x, y = next(batches)
+        batches.close()
+    except DataError as exc:
+        raise DataError(f"the {label}: {exc}") from exc
     check_inputs(x, y, label)
     return x, y
 

@@ -308,3 +308,54 @@ def test_temporaries_left_by_a_killed_write_are_removed_on_resume(first_run, tmp
     keep.write_text("user file")
     run(tiny_config(root))
     assert not stale.exists() and keep.read_text() == "user file"
+
+
+# ---------------------------------------------------------------- gold-versus-gold spread
+
+
+def test_gold_spread_is_the_second_gold_models_metrics_minus_the_firsts(tmp_path):
+    """``--gold-models 2`` records, beside every result, the paper metrics of the second gold
+    model minus the first's: recomputed here from the cached models and the split manifest."""
+    from deepclean.data.datasets import load_dataset
+    from deepclean.data.splits import ForgetSplit
+    from deepclean.evaluation.evaluate import evaluate
+
+    records, log = run(tiny_config(tmp_path, gold_seeds=2, methods=("finetune",)))
+    rec = by_method(records)
+    spread = rec["gold"]["gold_spread"]
+    assert len(spread) == 1 and rec["finetune"]["gold_spread"] == spread
+    assert "gold model 2 vs gold: dAcc_Dr" in log
+    g = spread[0]
+    assert (f"Gold-versus-gold spread (seed 0; another gold model minus the gold model, points): "
+            f"dAcc_Dr {g['d_acc_retain']:+.2f}, dAcc_Df {g['d_acc_forget']:+.2f}, "
+            f"dMIA {g['d_mia']:+.2f}.") in (tmp_path / "out" / "results.md").read_text()
+
+    manifest = json.loads(next((tmp_path / "out" / "splits").glob("*.json")).read_text())
+    data = load_dataset("digits")
+    subset = torch.tensor(manifest["train_subset"])
+    x, y = data.train_x[subset], data.train_y[subset]
+    forget = torch.tensor(manifest["forget_indices"])
+    keep = torch.ones(len(subset), dtype=torch.bool)
+    keep[forget] = False
+    split = ForgetSplit(forget=forget, retain=torch.arange(len(subset))[keep], n=len(subset),
+                        scenario="random", detail={})
+    golds = sorted((tmp_path / "cache").glob("gold-*.safetensors"))
+    assert len(golds) == 2
+    metrics = {}
+    for path in golds:
+        state, _ = load_checkpoint(path)
+        model = build_model("small_cnn", num_classes=10, in_channels=1, width=0.25)
+        model.load_state_dict(state)
+        metrics[state_digest(model.state_dict())] = evaluate(model, x_train=x, y_train=y, split=split,
+                                                x_test=data.test_x, y_test=data.test_y,
+                                                seed=0, device="cpu")[0]
+    first = metrics.pop(rec["gold"]["state_sha256"])
+    (second,) = metrics.values()
+    assert first["acc_forget"] == pytest.approx(rec["gold"]["metrics"]["acc_forget"], abs=1e-9)
+    for key, name in (("acc_retain", "d_acc_retain"), ("acc_forget", "d_acc_forget"),
+                      ("acc_test", "d_acc_test"), ("mia", "d_mia")):
+        assert spread[0][name] == pytest.approx(second[key] - first[key], abs=1e-6), name
+    assert any(abs(v) > 0 for v in spread[0].values())  # two retrains differ
+
+    one = run(tiny_config(tmp_path / "one"))[0]
+    assert by_method(one)["gold"]["gold_spread"] == []

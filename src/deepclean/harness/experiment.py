@@ -298,9 +298,15 @@ def _run_scenario(
         ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
         x_train=x_train, y_train=y_train,
     )
-    evaluate = _evaluator(ctx, seed=seed, model_name=model_name, subset=subset, split=split,
-                          x_train=x_train, y_train=y_train, original=original, gold=gold)
+    evaluate, gold_spread = _evaluator(ctx, seed=seed, model_name=model_name, subset=subset,
+                                       split=split, x_train=x_train, y_train=y_train,
+                                       original=original, gold=gold)
     gold_metrics, gold_extended = evaluate(gold, is_gold=True)
+    spread = gold_spread(gold_metrics)
+    for j, gaps in enumerate(spread, start=1):
+        ctx.log(f"  gold model {j + 1} vs gold: dAcc_Dr {gaps['d_acc_retain']:+.2f}, dAcc_Df "
+                f"{gaps['d_acc_forget']:+.2f}, dMIA {gaps['d_mia']:+.2f} points (the spread "
+                "between two valid retrains)")
     base = {
         "dataset": cfg.dataset,
         "model": model_name,
@@ -315,6 +321,7 @@ def _run_scenario(
         "gold_metrics": gold_metrics,
         "gold_time_s": gold_meta["train_time_s"],
         "gold_seeds": cfg.gold_seeds,
+        "gold_spread": spread,
         "recipe": cfg.train.to_dict(),
         "torch_version": torch.__version__,
         **_precision_determinants(cfg),

@@ -87,8 +87,13 @@ def failed_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tensor,
                split: ForgetSplit, x_train: torch.Tensor, y_train: torch.Tensor,
                original: torch.nn.Module, gold: torch.nn.Module):
-    """``evaluate(model, is_gold=False, extended=True) -> (paper metrics, {"mia_family",
-    "distances"})`` (the second dict empty with ``extended=False``).
+    """``(evaluate, gold_spread)``.
+
+    ``evaluate(model, is_gold=False, extended=True) -> (paper metrics, {"mia_family",
+    "distances"})`` (the second dict empty with ``extended=False``). ``gold_spread(gold_metrics)
+    -> list`` gives, for each extra gold model, its paper metrics minus the gold model's (the
+    :func:`_gaps` of a model that is itself a valid retrain: the gold-versus-gold spread, in
+    points; empty with one gold model).
 
     Trains (or loads) the ``gold_seeds - 1`` extra gold models first; every model's logits are
     computed once per call.
@@ -112,7 +117,11 @@ def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tenso
                         reference=reference if extended else None, seed=seed, is_gold=is_gold,
                         device=device, precision=ctx.cfg.precision)
 
-    return evaluate_one
+    def gold_spread(gold_metrics: dict[str, float]) -> list[dict[str, float]]:
+        return [_gaps(evaluate_one(other, extended=False)[0], gold_metrics)
+                for other, _ in extra]
+
+    return evaluate_one, gold_spread
 
 
 def _resume_key(base: dict[str, Any], original_sha: str, method: str,
@@ -120,7 +129,7 @@ def _resume_key(base: dict[str, Any], original_sha: str, method: str,
     """Hash of everything one method's result depends on (see :mod:`deepclean.harness.resume`)."""
 
     return method_key({
-        "base": {k: v for k, v in base.items() if k not in ("gold_metrics", "gold_time_s")},
+        "base": {k: v for k, v in base.items() if k not in ("gold_metrics", "gold_time_s", "gold_spread")},
         "original_sha256": original_sha, "method": method, "hyperparameters": hyperparameters,
         "deepclean_version": __version__,
     })

@@ -100,7 +100,7 @@ def _sweep_locked(config: Any, gammas: tuple[float, ...], *, extended: bool,
                 split, gold, gold_meta = _split_and_gold(
                     ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
                     x_train=x_train, y_train=y_train)
-                evaluate = _evaluator(ctx, seed=seed, model_name=model_name, subset=subset,
+                evaluate, _ = _evaluator(ctx, seed=seed, model_name=model_name, subset=subset,
                                       split=split, x_train=x_train, y_train=y_train,
                                       original=original, gold=gold)
                 gold_metrics, _ = evaluate(gold, is_gold=True, extended=False)

@@ -69,6 +69,20 @@ def memorisation_note(records: Iterable[dict[str, Any]]) -> str:
     return " ".join(out)
 
 
+def gold_spread_note(records: Iterable[dict[str, Any]]) -> str:
+    """One sentence per seed on how far a second gold model (``--gold-models 2`` or more) lands
+    from the first: the ``gold_spread`` of the gold record, in points. A method whose gaps are
+    within it is as close to gold as another valid retrain. Empty with one gold model."""
+    out = []
+    for r in sorted((r for r in records if r.get("method") == "gold" and r.get("gold_spread")),
+                    key=lambda r: r["seed"]):
+        parts = [f"dAcc_Dr {g['d_acc_retain']:+.2f}, dAcc_Df {g['d_acc_forget']:+.2f}, "
+                 f"dMIA {g['d_mia']:+.2f}" for g in r["gold_spread"]]
+        out.append(f"Gold-versus-gold spread (seed {r['seed']}; another gold model minus the "
+                   f"gold model, points): {'; '.join(parts)}.")
+    return " ".join(out)
+
+
 def verdict_lines(records: Iterable[dict[str, Any]]) -> list[str]:
     """The forgetting verdict of every model (the ``verdict`` of its record, judged without the
     gold model: D_f against held-out samples drawn like it): a heading sentence, then one line

@@ -31,6 +31,7 @@ from deepclean.report.catalogue import columns
 from deepclean.report.common import (
     auto_gamma_note,
     behaviour_notes,
+    gold_spread_note,
     mean_ci,
     memorisation_note,
     precompute_note,
@@ -284,6 +285,8 @@ def markdown_tables(records: Iterable[dict[str, Any]], table: str = "paper") -> 
                                         r.get("scenario")) == (dataset, model, scenario)]
         if memorisation_note(group):
             lines.append(memorisation_note(group))
+        if table == "paper" and gold_spread_note(group):
+            lines.append(gold_spread_note(group))
         if table == "paper":  # once per group (results.md), not under every other table
             findings = behaviour_notes(group)
             if findings:

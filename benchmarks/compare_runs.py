@@ -1,13 +1,13 @@
 """Defaults against tuned: one Markdown table per scenario from ``deepclean run`` folders (the
-same seeds and test half; the tuned side run with ``--hp-file``; each side may pool folders), with the tuning time of each method from the
-hyperparameter file.
+same test half; the tuned side run with ``--hp-file``; each side may pool folders, e.g. one per
+scenario or per seed), with the tuning time of each method from the hyperparameter files.
 
     python benchmarks/compare_runs.py --defaults runs/defaults --tuned runs/tuned \\
         --hp-file runs/tune/hyperparameters.json --out benchmarks/results/defaults_vs_tuned.json
 
 Per method and scenario: Acc_Dr / Acc_Df / MIA (%), Avg. Gap to gold (points) and the unlearning
-time (s), each the mean over the seeds present in both folders with the half-width of the 95 %
-Student-t interval when there are several; a row that collapsed (Acc_Dr under half of gold's) or
+time (s), each the mean over the seeds of that side (each side states its seeds; original and
+gold are shown on both) with the half-width of the 95 % Student-t interval when there are several; a row that collapsed (Acc_Dr under half of gold's) or
 left the model as it was (within 0.5 points of the original on every accuracy, 1 on MIA) says so,
 by the rules of :func:`deepclean.report.common.behaviour_notes`. The JSON holds every number.
 """
@@ -51,25 +51,28 @@ def _cell(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
 
 
-def compare(defaults: list[Path], tuned: list[Path], hp_file: Path | None) -> dict:
+def compare(defaults: list[Path], tuned: list[Path], hp_files: list[Path] | None) -> dict:
     """Folders of one side are pooled (e.g. methods run apart); a record may appear once."""
     d_recs = [r for folder in defaults for r in load_records(folder)]
     t_recs = [r for folder in tuned for r in load_records(folder)]
-    tuning_time = {}
-    if hp_file is not None:
+    tuning_time: dict[str, dict] = {}
+    for hp_file in hp_files or []:
         protocol = json.loads(hp_file.read_text()).get("protocol", {})
-        tuning_time = protocol.get("time_s", {})
+        for scenario, times in protocol.get("time_s", {}).items():
+            tuning_time.setdefault(scenario, {}).update(times)
     result: dict = {"defaults": [str(p) for p in defaults], "tuned": [str(p) for p in tuned],
                     "scenarios": {}}
     for scenario in sorted({r.get("scenario") for r in d_recs} & {r.get("scenario") for r in t_recs}):
         d, t = _by_method(d_recs, scenario), _by_method(t_recs, scenario)
-        seeds = sorted(set(d.get("gold", {})) & set(t.get("gold", {})))
+        side_seeds = {side: sorted(set(recs.get("gold", {})) & set(recs.get("original", {})))
+                      for side, recs in (("defaults", d), ("tuned", t))}
         rows = []
         for method in ["original", "gold"] + sorted((set(d) | set(t)) - {"original", "gold"}):
             row: dict = {"method": method}
             for side, recs in (("defaults", d), ("tuned", t)):
+                seeds = side_seeds[side]
                 rs = [recs[method][s] for s in seeds if s in recs.get(method, {})]
-                if not rs or (side == "tuned" and method in ("original", "gold")):
+                if not rs:
                     continue
                 orig = [recs["original"][s] for s in seeds]
                 gold = [recs["gold"][s] for s in seeds]
@@ -83,14 +86,16 @@ def compare(defaults: list[Path], tuned: list[Path], hp_file: Path | None) -> di
                 }
             row["tuning_time_s"] = tuning_time.get(scenario, {}).get(method)
             rows.append(row)
-        result["scenarios"][scenario] = {"seeds": seeds, "rows": rows}
+        result["scenarios"][scenario] = {"seeds": side_seeds, "rows": rows}
     return result
 
 
 def markdown(result: dict) -> str:
     lines = []
     for scenario, block in result["scenarios"].items():
-        lines += [f"### {scenario} forgetting (seeds {block['seeds']})", "",
+        seeds = block["seeds"]
+        lines += [f"### {scenario} forgetting (defaults: seeds {seeds['defaults']}; tuned: "
+                  f"seeds {seeds['tuned']})", "",
                   "| method | defaults: Acc_Dr / Acc_Df / MIA | Avg. Gap | time (s) "
                   "| tuned: Acc_Dr / Acc_Df / MIA | Avg. Gap | time (s) | tuning (s) |",
                   "|---|---|---:|---:|---|---:|---:|---:|"]
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--defaults", type=Path, nargs="+", required=True)
     parser.add_argument("--tuned", type=Path, nargs="+", required=True)
-    parser.add_argument("--hp-file", type=Path)
+    parser.add_argument("--hp-file", type=Path, nargs="+",
+                        help="hyperparameter files of deepclean tune (one per scenario is fine)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     result = compare(args.defaults, args.tuned, args.hp_file)

@@ -96,3 +96,75 @@ def test_the_fisher_cost_check_runs_on_a_small_case_and_passes(tmp_path, capsys)
     assert "Fisher/plain" in capsys.readouterr().out
     baseline = json.loads((ROOT / "benchmarks" / "baseline" / "fisher_ratio.json").read_text())
     assert 0.5 < baseline["ratio"] < 3.0
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GOLD = {"acc_retain": 99.0, "acc_forget": 90.0, "acc_test": 90.0, "mia": 70.0}
+
+
+def _record(folder: Path, method: str, seed: int, *, avg_gap: float, time_s: float = 10.0,
+            gold: dict | None = None, **extra) -> None:
+    gold = dict(gold or GOLD)
+    metrics = {k: v + extra.pop("shift", 0.0) for k, v in gold.items()}
+    rec = {"dataset": "d", "model": "m", "scenario": "random", "seed": seed, "method": method,
+           "metrics": metrics, "gold_metrics": gold, "summary": {"avg_gap": avg_gap},
+           "time_s": time_s, "gaps": {"d_acc_retain": -0.5, "d_acc_forget": 1.0, "d_mia": -2.0},
+           **extra}
+    (folder / "results").mkdir(parents=True, exist_ok=True)
+    (folder / "results" / f"{method}_{seed}.json").write_text(json.dumps(rec))
+
+
+def test_autogamma_comparison_by_hand(tmp_path, capsys) -> None:
+    paper, auto, tuned = tmp_path / "paper", tmp_path / "auto", tmp_path / "tuned"
+    spread = [{"d_acc_retain": 0.1, "d_acc_forget": -1.5, "d_acc_test": 0.2, "d_mia": 3.0}]
+    for seed, (gp, ga, gs) in enumerate([(5.0, 2.0, 1.0), (4.0, 4.5, 3.0)]):
+        _record(paper, "deepclean", seed, avg_gap=gp, gamma=1.1, share_reset=0.3)
+        _record(auto, "deepclean", seed, avg_gap=ga, time_s=14.0 if seed else 16.0, gamma=1.5,
+                share_reset=0.1, gold_spread=spread if seed == 0 else [])
+        _record(tuned, "finetune", seed, avg_gap=gs)
+        _record(tuned, "scrub", seed, avg_gap=gs + 1)
+    bench = _module("compare_autogamma")
+    assert bench.main(["--paper", str(paper), "--auto", str(auto), "--tuned", str(tuned),
+                       "--out", str(tmp_path / "o.json")]) == 0
+    res = json.loads((tmp_path / "o.json").read_text())
+    s = res["summary"]["random"]
+    assert s["auto_below_paper"] == 1  # 2 < 5, but 4.5 > 4
+    assert s["auto_acc_retain_within_1"] == 2
+    assert s["seeds_with_spread"] == 1 and s["auto_within_gold_spread"] == 1  # 1 <= 1.5, 2 <= 3
+    assert s["time_ratio_at_most_1_5"] == 1  # 1.6, then 1.4
+    assert s["auto_avg_gap"][0] == pytest.approx(3.25)
+    assert s["tuned_avg_gap"]["finetune"][0] == pytest.approx(2.0)
+    assert [r["best_tuned"] for r in res["rows"]] == ["finetune", "finetune"]
+    assert "| random | 0 | 1.50 / 3.00 | 30.00 | 5.00 | 1.500 | 10.00 |" in capsys.readouterr().out
+
+    _record(tuned, "ssd", 1, avg_gap=1.0, gold={**GOLD, "acc_test": 91.0})
+    with pytest.raises(SystemExit, match="different gold metrics"):
+        bench.compare([paper], [auto], [tuned])
+
+
+def test_defaults_against_tuned_keeps_each_sides_seeds(tmp_path, capsys) -> None:
+    defaults, tuned, hp = tmp_path / "defaults", tmp_path / "tuned", tmp_path / "hp.json"
+    for folder, seeds in ((defaults, [0]), (tuned, [0, 1, 2])):
+        for seed in seeds:
+            _record(folder, "original", seed, avg_gap=4.0, shift=2.0)
+            _record(folder, "gold", seed, avg_gap=0.0)
+            _record(folder, "finetune", seed, avg_gap=1.0 + seed)
+    hp.write_text(json.dumps({"protocol": {"time_s": {"random": {"finetune": 120.0}}}}))
+    bench = _module("compare_runs")
+    assert bench.main(["--defaults", str(defaults), "--tuned", str(tuned), "--hp-file", str(hp),
+                       "--out", str(tmp_path / "o.json")]) == 0
+    block = json.loads((tmp_path / "o.json").read_text())["scenarios"]["random"]
+    assert block["seeds"] == {"defaults": [0], "tuned": [0, 1, 2]}
+    row = next(r for r in block["rows"] if r["method"] == "finetune")
+    assert row["defaults"]["avg_gap"] == [1.0] and row["tuned"]["avg_gap"] == [1.0, 2.0, 3.0]
+    assert row["tuning_time_s"] == 120.0
+    out = capsys.readouterr().out
+    assert "### random forgetting (defaults: seeds [0]; tuned: seeds [0, 1, 2])" in out
+    # 95 % Student-t half-width of [1, 2, 3]: t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.48
+    assert "| 2.00 ± 2.48 |" in out

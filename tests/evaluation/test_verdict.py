@@ -243,3 +243,31 @@ def test_the_loss_percentile_range_holds_its_level_under_the_null(nf, nh):
         rejected += not (out["loss_percentile_low"] <= out["loss_percentile"]
                          <= out["loss_percentile_high"])
     assert rejected / draws <= 0.08, rejected / draws
+
+
+def test_small_sets_make_a_pass_weak_evidence_and_say_so():
+    """The 95 % two-sample bound on the accuracy gap (``acc_resolution``) by hand: above 10
+    points a pass is flagged as weak evidence in the summary line and in ``to_dict``."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(D, 2)
+
+    def sets(nf: int, nh: int):
+        x = torch.randn(nf + nh, D, generator=g)
+        y = torch.randint(0, 2, (nf + nh,), generator=g)
+        return TensorDataset(x[:nf], y[:nf]), TensorDataset(x[nf:], y[nf:])
+
+    small = forgetting_verdict(model, *sets(20, 20), match=False)
+    m = small.metrics
+    kf, kh = m["acc_forget"] * 20 / 100, m["acc_holdout"] * 20 / 100
+    p = (kf + kh + 1) / 42
+    by_hand = 100 * 1.959964 * math.sqrt(p * (1 - p) * (2 / 20))  # about 31 points
+    assert m["acc_resolution"] == pytest.approx(by_hand, rel=1e-5) and by_hand > 25
+    assert small.weak_evidence and small.to_dict()["weak_evidence"] is True
+    assert (f"weak evidence: with 20 D_f and 20 held-out samples only accuracy gaps above "
+            f"{by_hand:.0f} points can be told apart") in small.summary_line()
+    # an explicit tolerance does not hide how little the sizes can resolve
+    assert forgetting_verdict(model, *sets(20, 20), match=False, acc_tolerance=2.0).weak_evidence
+
+    large = forgetting_verdict(model, *sets(2000, 2000), match=False)
+    assert large.metrics["acc_resolution"] < 3.2  # 1.96 * sqrt(0.25 * 2 / 2000) = 3.1 points
+    assert not large.weak_evidence and "weak evidence" not in large.summary_line()

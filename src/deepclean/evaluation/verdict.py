@@ -89,6 +89,9 @@ MIN_ATTACK_SAMPLES = 10
 MIN_ACC_TOLERANCE = 1.0
 #: Smallest attack-AUC tolerance around 0.5: an attack at AUC 0.51 reveals practically nothing.
 MIN_AUC_TOLERANCE = 0.01
+#: Above this accuracy tolerance, in points, the sets are too small for the verdict to tell D_f
+#: from held-out data unless they differ grossly: a pass is then weak evidence, and says so.
+WEAK_EVIDENCE_POINTS = 10.0
 #: Values of ``forgetting_verdict(scenario=...)``.
 SCENARIOS = ("auto", "class", "sample")
 
@@ -120,12 +123,22 @@ class ForgettingVerdict:
     metrics: dict[str, float] = field(default_factory=dict)
     scenario: str = "sample"
 
+    @property
+    def weak_evidence(self) -> bool:
+        """True when D_f and its held-out sample are so small that only accuracy gaps above
+        :data:`WEAK_EVIDENCE_POINTS` points can be told apart (``acc_resolution``, the 95 %
+        two-sample bound on the accuracy gap, above it, whatever ``acc_tolerance`` was asked):
+        a pass then shows only that D_f is not grossly better predicted than held-out data."""
+        return self.metrics.get("acc_resolution", 0.0) > WEAK_EVIDENCE_POINTS
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict: the flags, reasons, scenario, summary line and metrics (NaN as None)."""
+        """JSON-safe dict: the flags, ``weak_evidence``, reasons, scenario, summary line and
+        metrics (NaN as None)."""
         return {
             "forgotten": self.forgotten,
             "utility_kept": self.utility_kept,
             "passed": self.passed,
+            "weak_evidence": self.weak_evidence,
             "scenario": self.scenario,
             "summary": self.summary_line(),
             "reasons": list(self.reasons),
@@ -153,6 +166,10 @@ class ForgettingVerdict:
             ref = m.get("original_acc_retained_holdout", float("nan"))
             ref_txt = "" if math.isnan(ref) else f" (original {ref:.1f} %)"
             parts.append(f"retained held-out accuracy {m['acc_retained_holdout']:.1f} %{ref_txt}")
+        if self.weak_evidence:
+            parts.append(f"weak evidence: with {int(m['n_forget'])} D_f and "
+                         f"{int(m['n_holdout'])} held-out samples only accuracy gaps above "
+                         f"{m['acc_resolution']:.0f} points can be told apart")
         return f"{head}: " + "; ".join(parts)
 
 
@@ -302,7 +319,8 @@ def forgetting_verdict(
     Returns:
         A :class:`ForgettingVerdict`. ``metrics`` keys (accuracies and tolerances in %, AUCs in
         [0, 1]): ``acc_forget``, ``acc_holdout``, ``acc_gap`` (forget minus held-out),
-        ``acc_tolerance``, ``attack_auc``, ``attack_auc_ci_low``, ``attack_auc_ci_high``,
+        ``acc_tolerance``, ``acc_resolution`` (the 95 % two-sample bound on the accuracy gap for
+        these sizes, the default ``acc_tolerance``), ``attack_auc``, ``attack_auc_ci_low``, ``attack_auc_ci_high``,
         ``auc_tolerance``, ``loss_percentile``, ``loss_forget``, ``loss_holdout`` (mean
         cross-entropy, nats), ``class_acc_tolerance`` (class scenario), ``acc_retained_holdout``,
         ``original_acc_retained_holdout``, ``utility_drop``, ``utility_tolerance``,
@@ -357,6 +375,7 @@ def forgetting_verdict(
     m["acc_gap"] = m["acc_forget"] - m["acc_holdout"]
     p = (kf + kh + 1) / (nf + nh + 2)
     auto_acc_tol = max(MIN_ACC_TOLERANCE, 100.0 * _Z95 * math.sqrt(p * (1 - p) * (1 / nf + 1 / nh)))
+    m["acc_resolution"] = auto_acc_tol
     m["acc_tolerance"] = float(acc_tolerance) if acc_tolerance is not None else auto_acc_tol
     m["loss_forget"] = float(cross_entropy_loss(lf, yf).mean())
     m["loss_holdout"] = float(cross_entropy_loss(lh, yh).mean())

@@ -38,6 +38,7 @@ run forget "${COMMON[@]}" --weights "$WORK/model.pt" --forget "$WORK/forget_20.t
     --out "$WORK/forget-20"
 run forget "${COMMON[@]}" --weights "$WORK/model.pt" --forget "$WORK/forget_1.txt" \
     --out "$WORK/forget-1"
-# Anyone holding the weights can re-check a result later.
+# Anyone holding the weights can re-check a result later, and that the audit record names them.
 run verify "${COMMON[@]}" --weights "$WORK/model.pt" \
-    --unlearned "$WORK/forget-20/unlearned.safetensors" --forget "$WORK/forget_20.txt"
+    --unlearned "$WORK/forget-20/unlearned.safetensors" --forget "$WORK/forget_20.txt" \
+    --audit "$WORK/forget-20/audit.json"

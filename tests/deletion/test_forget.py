@@ -572,3 +572,42 @@ def test_num_classes_help_and_docs_agree_with_the_code():
     doc = (ROOT / "docs" / "forget.md").read_text()
     assert "`torchvision:NAME` with `--num-classes`" not in doc
     assert "the number of classes in `--data`" in doc
+
+
+def test_cli_verify_checks_the_audit_record_against_the_weights_and_the_request(case, tmp_path,
+                                                                               capsys):
+    r = case["root"]
+    out = tmp_path / "res"
+    main(["forget", *_args(case, "--forget", str(r / "forget_paths.txt"), "--holdout",
+                           str(r / "holdout"), "--hp", "epochs=2", out=out)])
+    capsys.readouterr()
+    audit = str(out / "audit.json")
+    unlearned = str(out / "unlearned.safetensors")
+
+    def verify(*extra):
+        rc = main(["verify", *_args(case, "--holdout", str(r / "holdout"), *extra)])
+        return rc, capsys.readouterr()
+
+    rc, cap = verify("--unlearned", unlearned, "--forget", str(r / "forget_paths.txt"),
+                     "--audit", audit, "--out", str(tmp_path / "v"))
+    ver = json.loads((tmp_path / "v" / "verification.json").read_text())
+    assert ver["audit_check"] == {"audit": audit, "matches": True, "mismatches": []}
+    assert "names these weights and this deletion request" in cap.out
+    assert not cap.out.startswith("AUDIT MISMATCH")
+
+    rc, cap = verify("--unlearned", unlearned, "--forget", str(r / "forget_one.txt"),
+                     "--audit", audit)
+    assert rc == 3
+    assert cap.out.startswith("AUDIT MISMATCH: the deletion request (1 samples) is not the one "
+                              "the audit record names (20 samples")
+    rc, cap = verify("--unlearned", str(r / "model.pt"), "--forget",
+                     str(r / "forget_paths.txt"), "--audit", audit)
+    assert rc == 3 and cap.out.startswith(
+        "AUDIT MISMATCH: --unlearned is not the model the audit record says was written")
+
+    (tmp_path / "bad.json").write_text('{"forgotten": {}}')
+    for bad, message in ((tmp_path / "bad.json", "not an audit record of deepclean forget"),
+                         (tmp_path / "none.json", "no such file")):
+        rc, cap = verify("--unlearned", unlearned, "--forget", str(r / "forget_paths.txt"),
+                         "--audit", str(bad))
+        assert rc == 2 and message in cap.err

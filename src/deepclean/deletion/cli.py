@@ -39,6 +39,7 @@ __all__ = [
     "EXIT_VERIFIED",
     "RESULT_FILES",
     "add_parsers",
+    "audit_mismatches",
     "render_report",
     "run_command",
 ]
@@ -166,6 +167,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the unlearned weights (same formats as --weights)")
     v.add_argument("--out", metavar="DIR",
                    help="also write verification.json and report.html there")
+    v.add_argument("--audit", metavar="FILE",
+                   help="the audit.json that deepclean forget wrote: also check that it names "
+                   "these weights (--weights before, --unlearned after) and this deletion "
+                   "request; any mismatch is reported and the model is not verified")
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -550,6 +555,53 @@ def _print_summary(record: dict[str, Any]) -> None:
         print(f"note: {note}")
 
 
+def _read_audit(path: str) -> dict[str, Any]:
+    """The audit record at ``--audit``, checked to be one (before any loading)."""
+    try:
+        audit = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigurationError(f"--audit {path}: no such file; expected the audit.json that "
+                                 "deepclean forget wrote") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"--audit {path}: not a readable JSON file ({exc}); expected "
+                                 "the audit.json that deepclean forget wrote") from None
+    try:
+        _ = (audit["forgotten"]["count"], audit["forgotten"]["sha256"],
+             audit["forgotten"]["n_train"], audit["model"]["sha256_before"],
+             audit["model"]["sha256_after"])
+    except (KeyError, TypeError):
+        raise ConfigurationError(
+            f"--audit {path}: not an audit record of deepclean forget (it lacks forgotten.count, "
+            "forgotten.sha256, forgotten.n_train or model.sha256_before/after)") from None
+    return audit
+
+
+def audit_mismatches(audit: dict[str, Any], *, data_size: int, forget_ids: list[int],
+                     before_sha256: str, after_sha256: str) -> list[str]:
+    """What in an audit record of ``deepclean forget`` disagrees with the weights and the
+    deletion request being verified: the state SHA-256 before (``--weights``) and after
+    (``--unlearned``), the training-set size, and the count and SHA-256 of the forgotten rows
+    (:func:`deepclean.harness.audit.indices_digest`). Empty when everything matches."""
+    from deepclean.harness.audit import indices_digest
+
+    f, m = audit["forgotten"], audit["model"]
+    idx = sorted(forget_ids)
+    out = []
+    if m["sha256_before"] != before_sha256:
+        out.append("--weights is not the model the audit record says was unlearned "
+                   f"(state SHA-256 {before_sha256[:12]}..., recorded {m['sha256_before'][:12]}...)")
+    if m["sha256_after"] != after_sha256:
+        out.append("--unlearned is not the model the audit record says was written "
+                   f"(state SHA-256 {after_sha256[:12]}..., recorded {m['sha256_after'][:12]}...)")
+    if f["n_train"] != data_size:
+        out.append(f"--data holds {data_size} samples; the audit record was made on "
+                   f"{f['n_train']}")
+    if f["count"] != len(idx) or f["sha256"] != indices_digest(idx, data_size):
+        out.append(f"the deletion request ({len(idx)} samples) is not the one the audit record "
+                   f"names ({f['count']} samples, SHA-256 {str(f['sha256'])[:12]}...)")
+    return out
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from deepclean.checkpoint import atomic_write_text
     from deepclean.deletion.api import verify
@@ -557,13 +609,27 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         _check_out(out)
+    audit = _read_audit(args.audit) if args.audit else None
     device = _resolve_device(args.device)
     data, ids, holdout = _load_data(args)
-    original, _ = _model(args, data, args.weights)
-    unlearned, _ = _model(args, data, args.unlearned, "--unlearned")
+    original, before = _model(args, data, args.weights)
+    unlearned, after = _model(args, data, args.unlearned, "--unlearned")
     _check_fits(original, data)
     record = verify(original, unlearned, data, ids, holdout, seed=args.seed, device=device,
                     batch_size=args.batch_size)
+    if audit is not None:
+        wrong = audit_mismatches(audit, data_size=len(data), forget_ids=list(ids),
+                                 before_sha256=before.state_sha256,
+                                 after_sha256=after.state_sha256)
+        record["audit_check"] = {"audit": str(args.audit), "matches": not wrong,
+                                 "mismatches": wrong}
+        if wrong:
+            record["verified"] = False
+            record["status"] = "not verified"
+            record["summary"] = "AUDIT MISMATCH: " + "; ".join(wrong) + ". " + record["summary"]
+        else:
+            record["notes"].append(f"the audit record {args.audit} names these weights and "
+                                   "this deletion request")
     if out is not None:
         staging = _Staging(out)
         try:

@@ -20,13 +20,15 @@ baseline, and counts of the seeds where each target of the issue holds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 from deepclean.report.common import mean_ci
 from deepclean.report.tables import load_records
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_runs import emit  # noqa: E402  (a sibling script: one way to write results)
 
 #: methods that are not baselines of the comparison
 NOT_BASELINES = ("original", "gold", "deepclean")
@@ -161,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run folders with the tuned baselines (--hp-file)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    result = compare(args.paper, args.auto, args.tuned)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    return 0
+    return emit(compare(args.paper, args.auto, args.tuned), args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -125,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="hyperparameter files of deepclean tune (one per scenario is fine)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    result = compare(args.defaults, args.tuned, args.hp_file)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+    return emit(compare(args.defaults, args.tuned, args.hp_file), args.out, markdown)
+
+
+def emit(result: dict, out: Path | None, to_markdown) -> int:
+    """Write ``result`` as JSON to ``out`` (when given) and print its Markdown table; 0."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(to_markdown(result))
     return 0
 
 

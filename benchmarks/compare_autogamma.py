@@ -20,53 +20,59 @@ baseline, and counts of the seeds where each target of the issue holds.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from deepclean.report.common import mean_ci
-from deepclean.report.tables import load_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_runs import emit  # noqa: E402  (a sibling script: one way to write results)
+from compare_runs import (  # noqa: E402  (a sibling script: one way to load and write results)
+    InputError,
+    check_same_gold,
+    description,
+    emit,
+    load_side,
+)
 
 #: methods that are not baselines of the comparison
 NOT_BASELINES = ("original", "gold", "deepclean")
 
 
-def _index(folders: list[Path]) -> dict[tuple[str, int, str], dict]:
-    out: dict[tuple[str, int, str], dict] = {}
-    for folder in folders:
-        for r in load_records(folder):
-            if isinstance(r.get("metrics"), dict):
-                out[(r["scenario"], r["seed"], r["method"])] = r
-    return out
+def _index(folders: list[Path], option: str) -> dict[tuple[str, int, str], dict]:
+    return {(r["scenario"], r["seed"], r["method"]): r for r in load_side(folders, option)}
 
 
-def _same_gold(a: dict, b: dict, where: str) -> None:
-    ga, gb = a["gold_metrics"], b["gold_metrics"]
-    if any(not math.isclose(ga[k], gb[k], abs_tol=1e-9) for k in ga):
-        raise SystemExit(f"error: {where}: the folders were evaluated against different gold "
-                         "metrics (another test half or another cache); run them with the same "
-                         "--test-half and --cache-dir")
+def _check_gamma(records: dict, option: str, auto: bool) -> None:
+    for (scenario, seed, method), r in records.items():
+        if method != "deepclean":
+            continue
+        is_auto = (r.get("hyperparameters") or {}).get("gamma") == "auto"
+        if is_auto != auto:
+            raise InputError(
+                f"{option}: DeepClean's {scenario} result of seed {seed} was run with gamma "
+                f"{(r.get('hyperparameters') or {}).get('gamma')!r}; {option} takes runs "
+                + ("with --gamma auto" if auto else "at fixed gammas (the paper's: the default)"))
 
 
 def compare(paper: list[Path], auto: list[Path], tuned: list[Path]) -> dict:
-    p, a, t = _index(paper), _index(auto), _index(tuned)
+    p, a = _index(paper, "--paper"), _index(auto, "--auto")
+    t = _index(tuned, "--tuned") if tuned else {}
+    _check_gamma(p, "--paper", auto=False)
+    _check_gamma(a, "--auto", auto=True)
     keys = sorted({(s, seed) for (s, seed, m) in a if m == "deepclean"}
                   & {(s, seed) for (s, seed, m) in p if m == "deepclean"})
     if not keys:
-        raise SystemExit("error: no (scenario, seed) has a deepclean result in both --paper and "
-                         "--auto folders")
+        raise InputError("no (scenario, seed) has a deepclean result in both the --paper and the "
+                         "--auto folders; run both on the same seeds and scenarios")
     rows = []
     for scenario, seed in keys:
         rp, ra = p[(scenario, seed, "deepclean")], a[(scenario, seed, "deepclean")]
-        _same_gold(rp, ra, f"{scenario} seed {seed}")
+        check_same_gold(rp, ra, f"{scenario} seed {seed}")
         spread = ra.get("gold_spread") or rp.get("gold_spread") or []
         base = {m: r for (s, sd, m), r in t.items()
                 if (s, sd) == (scenario, seed) and m not in NOT_BASELINES}
         for m, r in base.items():
-            _same_gold(ra, r, f"{scenario} seed {seed} ({m}, tuned)")
+            check_same_gold(ra, r, f"{scenario} seed {seed} ({m}, tuned)")
         best = min(base, key=lambda m: base[m]["summary"]["avg_gap"]) if base else None
         rows.append({
             "scenario": scenario, "seed": seed,
@@ -154,7 +160,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--paper", type=Path, nargs="+", required=True,
                         help="run folders with DeepClean at the paper's gamma")
     parser.add_argument("--auto", type=Path, nargs="+", required=True,
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run folders with the tuned baselines (--hp-file)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    return emit(compare(args.paper, args.auto, args.tuned), args.out, markdown)
+    return emit(lambda: compare(args.paper, args.auto, args.tuned), args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,49 @@ import json
 import sys
 from pathlib import Path
 
+from deepclean.errors import DeepCleanError
 from deepclean.report.common import NOOP_POINTS, mean_ci
 from deepclean.report.tables import load_records
 
 KEYS = ("acc_retain", "acc_forget", "mia")
+
+
+class InputError(Exception):
+    """Bad input to a comparison script: printed as one line, exit status 2."""
+
+
+def load_side(folders: list[Path], option: str) -> list[dict]:
+    """The result records of ``deepclean run`` folders (pooled), each folder checked to exist
+    and to hold at least one finished result."""
+    records = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise InputError(f"{option} {folder}: no such folder; expected the --out folder of a "
+                             "deepclean run")
+        try:
+            found = [r for r in load_records(folder) if isinstance(r.get("metrics"), dict)]
+        except DeepCleanError as exc:
+            raise InputError(f"{option} {folder}: {exc}") from None
+        if not found:
+            raise InputError(f"{option} {folder}: holds no finished result (results/*.json); "
+                             "expected the --out folder of a deepclean run")
+        records += found
+    return records
+
+
+def check_same_gold(a: dict, b: dict, where: str) -> None:
+    """Two records of one (scenario, seed) must be measured against the same gold metrics (the
+    same test half and cache), or their gaps are to different targets."""
+    ga, gb = a.get("gold_metrics") or {}, b.get("gold_metrics") or {}
+    if ga.keys() != gb.keys() or any(abs(ga[k] - gb[k]) > 1e-9 for k in ga):
+        raise InputError(f"{where}: the folders were evaluated against different gold metrics "
+                         "(another --test-half or another cache of gold models); run them with "
+                         "the same --test-half and --cache-dir")
+
+
+def check_out(out: Path | None) -> None:
+    if out is not None and out.is_dir():
+        raise InputError(f"--out {out} is a folder; expected the path of a JSON file to write")
 
 
 def _by_method(records: list[dict], scenario: str) -> dict[str, dict[int, dict]]:
@@ -51,19 +90,35 @@ def _cell(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
 
 
-def compare(defaults: list[Path], tuned: list[Path], hp_files: list[Path] | None) -> dict:
-    """Folders of one side are pooled (e.g. methods run apart); a record may appear once."""
-    d_recs = [r for folder in defaults for r in load_records(folder)]
-    t_recs = [r for folder in tuned for r in load_records(folder)]
+def _tuning_times(hp_files: list[Path]) -> dict[str, dict]:
     tuning_time: dict[str, dict] = {}
-    for hp_file in hp_files or []:
-        protocol = json.loads(hp_file.read_text()).get("protocol", {})
-        for scenario, times in protocol.get("time_s", {}).items():
-            tuning_time.setdefault(scenario, {}).update(times)
+    for hp_file in hp_files:
+        try:
+            protocol = json.loads(hp_file.read_text()).get("protocol", {})
+            for scenario, times in protocol.get("time_s", {}).items():
+                tuning_time.setdefault(scenario, {}).update(times)
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise InputError(f"--hp-file {hp_file}: not a hyperparameter file of deepclean tune "
+                             f"({exc})") from None
+    return tuning_time
+
+
+def compare(defaults: list[Path], tuned: list[Path], hp_files: list[Path] | None) -> dict:
+    """Folders of one side are pooled (e.g. methods run apart); a record may appear once.
+
+    Raises:
+        InputError: a folder that is missing or holds no result, an unreadable result or
+            hyperparameter file, or a seed whose two sides were measured against different gold
+            metrics (another test half or cache).
+    """
+    d_recs, t_recs = load_side(defaults, "--defaults"), load_side(tuned, "--tuned")
+    tuning_time = _tuning_times(hp_files or [])
     result: dict = {"defaults": [str(p) for p in defaults], "tuned": [str(p) for p in tuned],
                     "scenarios": {}}
     for scenario in sorted({r.get("scenario") for r in d_recs} & {r.get("scenario") for r in t_recs}):
         d, t = _by_method(d_recs, scenario), _by_method(t_recs, scenario)
+        for seed in set(d.get("gold", {})) & set(t.get("gold", {})):
+            check_same_gold(d["gold"][seed], t["gold"][seed], f"{scenario} seed {seed}")
         side_seeds = {side: sorted(set(recs.get("gold", {})) & set(recs.get("original", {})))
                       for side, recs in (("defaults", d), ("tuned", t))}
         rows = []
@@ -118,18 +173,30 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--defaults", type=Path, nargs="+", required=True)
     parser.add_argument("--tuned", type=Path, nargs="+", required=True)
     parser.add_argument("--hp-file", type=Path, nargs="+",
                         help="hyperparameter files of deepclean tune (one per scenario is fine)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    return emit(compare(args.defaults, args.tuned, args.hp_file), args.out, markdown)
+    return emit(lambda: compare(args.defaults, args.tuned, args.hp_file), args.out, markdown)
 
 
-def emit(result: dict, out: Path | None, to_markdown) -> int:
-    """Write ``result`` as JSON to ``out`` (when given) and print its Markdown table; 0."""
+def description(doc: str) -> str:
+    """The first paragraph of a script's docstring, on one line (its --help description)."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def emit(compute, out: Path | None, to_markdown) -> int:
+    """Run ``compute()``, write its result as JSON to ``out`` (when given) and print its
+    Markdown table: 0; bad input (:class:`InputError`) is one line on stderr: 2."""
+    try:
+        check_out(out)
+        result = compute()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

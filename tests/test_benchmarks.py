@@ -124,9 +124,11 @@ def test_autogamma_comparison_by_hand(tmp_path, capsys) -> None:
     paper, auto, tuned = tmp_path / "paper", tmp_path / "auto", tmp_path / "tuned"
     spread = [{"d_acc_retain": 0.1, "d_acc_forget": -1.5, "d_acc_test": 0.2, "d_mia": 3.0}]
     for seed, (gp, ga, gs) in enumerate([(5.0, 2.0, 1.0), (4.0, 4.5, 3.0)]):
-        _record(paper, "deepclean", seed, avg_gap=gp, gamma=1.1, share_reset=0.3)
+        _record(paper, "deepclean", seed, avg_gap=gp, gamma=1.1, share_reset=0.3,
+                hyperparameters={"gamma": 1.1})
         _record(auto, "deepclean", seed, avg_gap=ga, time_s=14.0 if seed else 16.0, gamma=1.5,
-                share_reset=0.1, gold_spread=spread if seed == 0 else [])
+                share_reset=0.1, gold_spread=spread if seed == 0 else [],
+                hyperparameters={"gamma": "auto"})
         _record(tuned, "finetune", seed, avg_gap=gs)
         _record(tuned, "scrub", seed, avg_gap=gs + 1)
     bench = _module("compare_autogamma")
@@ -143,9 +145,28 @@ def test_autogamma_comparison_by_hand(tmp_path, capsys) -> None:
     assert [r["best_tuned"] for r in res["rows"]] == ["finetune", "finetune"]
     assert "| random | 0 | 1.50 / 3.00 | 30.00 | 5.00 | 1.500 | 10.00 |" in capsys.readouterr().out
 
+    # bad input: one line on stderr, exit status 2, no traceback
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--paper", str(tmp_path / "nope"), "--auto", str(auto)], "--paper", "no such folder"),
+        (["--paper", str(paper), "--auto", str(empty)], "--auto", "holds no finished result"),
+        (["--paper", str(paper), "--auto", str(paper)], "--auto", "takes runs with --gamma auto"),
+        (["--paper", str(auto), "--auto", str(auto)], "--paper", "at fixed gammas"),
+        (["--paper", str(paper), "--auto", str(auto), "--out", str(tmp_path)], "--out",
+         "is a folder"),
+    ]
+    for argv, where, message in cases:
+        assert bench.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {where}") and message in err and err.count("\n") == 1
     _record(tuned, "ssd", 1, avg_gap=1.0, gold={**GOLD, "acc_test": 91.0})
-    with pytest.raises(SystemExit, match="different gold metrics"):
-        bench.compare([paper], [auto], [tuned])
+    assert bench.main(["--paper", str(paper), "--auto", str(auto), "--tuned", str(tuned)]) == 2
+    assert "random seed 1 (ssd, tuned): the folders were evaluated against different gold " \
+        "metrics" in capsys.readouterr().err
+    (tuned / "results" / "ssd_1.json").write_text('{"broken')
+    assert bench.main(["--paper", str(paper), "--auto", str(auto), "--tuned", str(tuned)]) == 2
+    assert "is not readable JSON" in capsys.readouterr().err
 
 
 def test_defaults_against_tuned_keeps_each_sides_seeds(tmp_path, capsys) -> None:
@@ -168,3 +189,21 @@ def test_defaults_against_tuned_keeps_each_sides_seeds(tmp_path, capsys) -> None
     assert "### random forgetting (defaults: seeds [0]; tuned: seeds [0, 1, 2])" in out
     # 95 % Student-t half-width of [1, 2, 3]: t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.48
     assert "| 2.00 ± 2.48 |" in out
+
+    # another test half on one side: different gold metrics for the same seed are refused
+    other = tmp_path / "other"
+    _record(other, "original", 0, avg_gap=4.0, shift=2.0, gold={**GOLD, "acc_test": 80.0})
+    _record(other, "gold", 0, avg_gap=0.0, gold={**GOLD, "acc_test": 80.0})
+    assert bench.main(["--defaults", str(other), "--tuned", str(tuned)]) == 2
+    assert "random seed 0: the folders were evaluated against different gold metrics" in \
+        capsys.readouterr().err
+    hp.write_text("[1, 2]")
+    for argv, message in (
+            (["--defaults", str(tmp_path / "nope"), "--tuned", str(tuned)], "no such folder"),
+            (["--defaults", str(defaults), "--tuned", str(tuned), "--hp-file", str(hp)],
+             "not a hyperparameter file of deepclean tune"),
+            (["--defaults", str(defaults), "--tuned", str(tuned), "--hp-file",
+              str(tmp_path / "none.json")], "not a hyperparameter file of deepclean tune")):
+        assert bench.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -210,7 +210,8 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--seeds", type=int, nargs="+", help="one run per seed (default 0)")
     run.add_argument("--gold-models", type=int, metavar="K",
                      help="gold models per seed from different seeds (default 1); K >= 2 enables "
-                     "the LiRA attack and gold-vs-gold normalised distances")
+                     "the LiRA attack, gold-vs-gold normalised distances and the gold-versus-"
+                     "gold spread of the paper metrics (gold_spread)")
     run.add_argument("--gamma", type=_gamma,
                      help="DeepClean threshold for every scenario: a number > 0, or 'auto' (chosen "
                      "on held-out data the original never saw, no gold model)")

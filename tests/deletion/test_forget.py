@@ -341,7 +341,7 @@ def test_cli_one_sample_without_storing_ids(case, tmp_path):
     assert ver["verdict"]["metrics"]["attack_auc"] is None  # not measurable on one sample
 
 
-def test_cli_finetune_with_zero_epochs_is_not_verified(case, tmp_path):
+def test_cli_finetune_with_zero_epochs_is_not_verified(case, tmp_path, capsys):
     r = case["root"]
     rc = main(["forget", *_args(case, "--forget", str(r / "forget_paths.txt"), "--holdout",
                                 str(r / "holdout"), "--method", "finetune", "--hp", "epochs=0",
@@ -349,6 +349,11 @@ def test_cli_finetune_with_zero_epochs_is_not_verified(case, tmp_path):
     assert rc == 3
     audit = json.loads((tmp_path / "ft" / "audit.json").read_text())
     assert audit["model"]["weights_changed"] == 0
+    # a method without a threshold prints, records and reports no gamma
+    out = capsys.readouterr().out
+    assert "\n0 of " in out and "gamma" not in out
+    assert "gamma used" not in (tmp_path / "ft" / "audit.txt").read_text()
+    assert "Gamma used" not in (tmp_path / "ft" / "report.html").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -606,7 +611,16 @@ def test_cli_verify_checks_the_audit_record_against_the_weights_and_the_request(
         "AUDIT MISMATCH: --unlearned is not the model the audit record says was written")
 
     (tmp_path / "bad.json").write_text('{"forgotten": {}}')
+    good = json.loads((out / "audit.json").read_text())
+    good["model"]["sha256_before"] = None
+    (tmp_path / "null.json").write_text(json.dumps(good))
+    good["model"]["sha256_before"], good["forgotten"]["count"] = "abc", "20"
+    (tmp_path / "text.json").write_text(json.dumps(good))
     for bad, message in ((tmp_path / "bad.json", "not an audit record of deepclean forget"),
+                         (tmp_path / "null.json", "model.sha256_before should be a SHA-256 "
+                          "string, found None"),
+                         (tmp_path / "text.json", "forgotten.count should be an integer, "
+                          "found '20'"),
                          (tmp_path / "none.json", "no such file")):
         rc, cap = verify("--unlearned", unlearned, "--forget", str(r / "forget_paths.txt"),
                          "--audit", str(bad))

@@ -245,6 +245,23 @@ def test_the_loss_percentile_range_holds_its_level_under_the_null(nf, nh):
     assert rejected / draws <= 0.08, rejected / draws
 
 
+class _Lookup(nn.Module):
+    """Right on the inputs it was given (by exact match), ``fallback`` elsewhere."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, fallback: nn.Module):
+        super().__init__()
+        self.x, self.y, self.fallback = x, y, fallback
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fallback(x)
+        hit = (x[:, None, :] == self.x[None]).all(-1)
+        known = hit.any(1)
+        out = out.clone()
+        out[known] = 0.0
+        out[known, self.y[hit[known].float().argmax(1)]] = 20.0
+        return out
+
+
 def test_small_sets_make_a_pass_weak_evidence_and_say_so():
     """The 95 % two-sample bound on the accuracy gap (``acc_resolution``) by hand: above 10
     points a pass is flagged as weak evidence in the summary line and in ``to_dict``."""
@@ -263,10 +280,22 @@ def test_small_sets_make_a_pass_weak_evidence_and_say_so():
     by_hand = 100 * 1.959964 * math.sqrt(p * (1 - p) * (2 / 20))  # about 31 points
     assert m["acc_resolution"] == pytest.approx(by_hand, rel=1e-5) and by_hand > 25
     assert small.weak_evidence and small.to_dict()["weak_evidence"] is True
-    assert (f"weak evidence: with 20 D_f and 20 held-out samples only accuracy gaps above "
-            f"{by_hand:.0f} points can be told apart") in small.summary_line()
+    assert small.forgotten  # an untrained model: D_f and held-out data alike
+    assert (f"weak evidence: at these sizes (20 D_f, 20 held-out) and accuracies only accuracy "
+            f"gaps above {by_hand:.1f} points can be told apart") in small.summary_line()
     # an explicit tolerance does not hide how little the sizes can resolve
     assert forgetting_verdict(model, *sets(20, 20), match=False, acc_tolerance=2.0).weak_evidence
+
+    # a failure is not made doubtful by the suffix: it is shown only when D_f counts as forgotten
+    xf, yf = sets(20, 20)[0].tensors
+    remembered = nn.Linear(D, 2)
+    with torch.no_grad():  # predicts D_f's labels perfectly through a lookup on its inputs
+        remembered.weight.zero_()
+        remembered.bias.zero_()
+    fails = forgetting_verdict(_Lookup(xf, yf, remembered), TensorDataset(xf, yf),
+                               sets(0, 20)[1], match=False)
+    assert fails.weak_evidence and not fails.forgotten
+    assert "weak evidence" not in fails.summary_line()
 
     large = forgetting_verdict(model, *sets(2000, 2000), match=False)
     assert large.metrics["acc_resolution"] < 3.2  # 1.96 * sqrt(0.25 * 2 / 2000) = 3.1 points

@@ -329,6 +329,7 @@ def test_gold_spread_is_the_second_gold_models_metrics_minus_the_firsts(tmp_path
     assert (f"Gold-versus-gold spread (seed 0; another gold model minus the gold model, points): "
             f"dAcc_Dr {g['d_acc_retain']:+.2f}, dAcc_Df {g['d_acc_forget']:+.2f}, "
             f"dMIA {g['d_mia']:+.2f}.") in (tmp_path / "out" / "results.md").read_text()
+    assert f"dAcc_Df {g['d_acc_forget']:+.2f}" in (tmp_path / "out" / "report.html").read_text()
 
     manifest = json.loads(next((tmp_path / "out" / "splits").glob("*.json")).read_text())
     data = load_dataset("digits")

@@ -144,3 +144,19 @@ def test_when_the_original_passes_no_model_passes_or_fails():
         assert v["passed"] is None and v["summary"].startswith(CANNOT_TELL), v["summary"]
         assert v["passed_as_measured"] in (True, False)
     assert judge(original)["passed_as_measured"] is True
+
+
+def test_verdict_lines_count_passes_and_seeds_that_cannot_tell():
+    from deepclean.report.common import verdict_lines
+
+    def rec(seed, passed, summary):
+        return {"method": "deepclean", "seed": seed,
+                "verdict": {"passed": passed, "summary": summary}}
+
+    lines = verdict_lines([rec(0, True, "FORGOTTEN: a"), rec(1, False, "NOT FORGOTTEN: b"),
+                           rec(2, None, "CANNOT TELL (...): c")])
+    assert lines[1] == ("- deepclean: passed in 1 of 2 seed(s), cannot tell in 1 seed(s), where "
+                        "the original already looks unseen; seed 0: FORGOTTEN: a")
+    only = verdict_lines([rec(0, None, "CANNOT TELL (...): c")])
+    assert only[1] == ("- deepclean: cannot tell in 1 seed(s), where the original already looks "
+                       "unseen; seed 0: CANNOT TELL (...): c")

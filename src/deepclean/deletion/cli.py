@@ -373,8 +373,9 @@ def render_report(verification: dict[str, Any], audit: dict[str, Any] | None = N
             "<h2>Audit</h2><table>"
             f"<tr><td>Method</td><td>{html.escape(str(m['name']))}</td></tr>"
             f"<tr><td>Hyperparameters</td><td>{hp}</td></tr>"
-            f"<tr><td>Gamma used</td><td>{_fmt(m.get('gamma'), 4)} "
-            f"({html.escape(str(m.get('gamma_source')))})</td></tr>"
+            + (f"<tr><td>Gamma used</td><td>{_fmt(m.get('gamma'), 4)} "
+               f"({html.escape(str(m.get('gamma_source')))})</td></tr>"
+               if m.get("gamma") is not None else "") +
             f"<tr><td>Forgotten (SHA-256 of the sorted indices)</td><td><code>"
             f"{html.escape(audit['forgotten']['sha256'])}</code></td></tr>"
             f"<tr><td>Input weights SHA-256 (file)</td><td><code>"
@@ -471,10 +472,11 @@ def _audit_text(audit: dict[str, Any]) -> str:
               f"  input file SHA-256:     {w['input']['file_sha256']}",
               f"  input unchanged:        {w['input'].get('unchanged')}",
               f"  output:                 {w['output']['path']}",
-              f"  output file SHA-256:    {w['output']['file_sha256']}",
-              (f"  gamma used:             {audit['method'].get('gamma')} "
-               f"({audit['method'].get('gamma_source')})"),
-              "", "Verification", f"  {audit['evaluation']['summary']}"]
+              f"  output file SHA-256:    {w['output']['file_sha256']}"]
+    if audit["method"].get("gamma") is not None:  # methods without a threshold have none
+        extra.append(f"  gamma used:             {audit['method']['gamma']} "
+                     f"({audit['method'].get('gamma_source')})")
+    extra += ["", "Verification", f"  {audit['evaluation']['summary']}"]
     return text + "\n".join(extra) + "\n"
 
 
@@ -539,11 +541,13 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     _print_summary(record)
     if record["status"] == "cannot verify" and holdout is None:
         print("not verifiable without --holdout: " + "; ".join(record["cannot_verify"]))
-    gamma = record["unlearning"].get("gamma")
-    gamma_text = f"{gamma:.4g}" if isinstance(gamma, (int, float)) else str(gamma)
-    print(f"gamma {gamma_text} ({record['unlearning'].get('gamma_source')})"
-          f", {record['unlearning']['weights_changed']} of {record['unlearning']['weights_total']}"
-          f" weights changed, {record['unlearning']['duration_s']:.1f} s")
+    un = record["unlearning"]
+    gamma = un.get("gamma")
+    gamma_text = ("" if gamma is None else  # methods without a threshold
+                  f"gamma {gamma:.4g} ({un.get('gamma_source')}), "
+                  if isinstance(gamma, (int, float)) else f"gamma {gamma} ({un.get('gamma_source')}), ")
+    print(f"{gamma_text}{un['weights_changed']} of {un['weights_total']} weights changed, "
+          f"{un['duration_s']:.1f} s")
     print(f"written to {out}/ ({', '.join(RESULT_FILES)})")
     return EXIT_VERIFIED if record["verified"] else EXIT_NOT_VERIFIED
 
@@ -565,14 +569,17 @@ def _read_audit(path: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigurationError(f"--audit {path}: not a readable JSON file ({exc}); expected "
                                  "the audit.json that deepclean forget wrote") from None
-    try:
-        _ = (audit["forgotten"]["count"], audit["forgotten"]["sha256"],
-             audit["forgotten"]["n_train"], audit["model"]["sha256_before"],
-             audit["model"]["sha256_after"])
-    except (KeyError, TypeError):
-        raise ConfigurationError(
-            f"--audit {path}: not an audit record of deepclean forget (it lacks forgotten.count, "
-            "forgotten.sha256, forgotten.n_train or model.sha256_before/after)") from None
+    fields = {"forgotten.count": int, "forgotten.n_train": int, "forgotten.sha256": str,
+              "model.sha256_before": str, "model.sha256_after": str}
+    for name, kind in fields.items():
+        group, key = name.split(".")
+        value = audit.get(group, {}).get(key) if isinstance(audit, dict) and \
+            isinstance(audit.get(group), dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigurationError(
+                f"--audit {path}: not an audit record of deepclean forget ({name} should be "
+                f"{'an integer' if kind is int else 'a SHA-256 string'}, found {value!r}); "
+                "pass the audit.json that deepclean forget wrote")
     return audit
 
 

@@ -125,10 +125,12 @@ class ForgettingVerdict:
 
     @property
     def weak_evidence(self) -> bool:
-        """True when D_f and its held-out sample are so small that only accuracy gaps above
-        :data:`WEAK_EVIDENCE_POINTS` points can be told apart (``acc_resolution``, the 95 %
-        two-sample bound on the accuracy gap, above it, whatever ``acc_tolerance`` was asked):
-        a pass then shows only that D_f is not grossly better predicted than held-out data."""
+        """True when only accuracy gaps above :data:`WEAK_EVIDENCE_POINTS` points can be told
+        apart (``acc_resolution``, the 95 % two-sample bound on the accuracy gap, above it,
+        whatever ``acc_tolerance`` was asked). The bound grows as the sets shrink and as the
+        accuracy nears 50 % (it is widest there, and small near 0 or 100 %). When D_f counts as
+        forgotten, the summary line says so: the pass then shows only that D_f is not grossly
+        better predicted than held-out data."""
         return self.metrics.get("acc_resolution", 0.0) > WEAK_EVIDENCE_POINTS
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,8 +155,10 @@ class ForgettingVerdict:
         m = self.metrics
         head = ("FORGOTTEN" if self.passed else
                 "NOT FORGOTTEN" if not self.forgotten else "FORGOTTEN, UTILITY LOST")
+        what = ("held-out samples of the class" if self.scenario == "class" else
+                "matched held-out samples")
         parts = [(f"Acc_Df {m['acc_forget']:.1f} % vs {m['acc_holdout']:.1f} % on "
-                 f"{int(m['n_holdout'])} matched held-out samples")]
+                 f"{int(m['n_holdout'])} {what}")]
         if not math.isnan(m.get("attack_auc", float("nan"))):
             parts.append(f"attack AUC {m['attack_auc']:.3f} (ideal 0.5 +- "
                          f"{m['auc_tolerance']:.3f})")
@@ -166,10 +170,10 @@ class ForgettingVerdict:
             ref = m.get("original_acc_retained_holdout", float("nan"))
             ref_txt = "" if math.isnan(ref) else f" (original {ref:.1f} %)"
             parts.append(f"retained held-out accuracy {m['acc_retained_holdout']:.1f} %{ref_txt}")
-        if self.weak_evidence:
-            parts.append(f"weak evidence: with {int(m['n_forget'])} D_f and "
-                         f"{int(m['n_holdout'])} held-out samples only accuracy gaps above "
-                         f"{m['acc_resolution']:.0f} points can be told apart")
+        if self.weak_evidence and self.forgotten:
+            parts.append(f"weak evidence: at these sizes ({int(m['n_forget'])} D_f, "
+                         f"{int(m['n_holdout'])} held-out) and accuracies only accuracy gaps "
+                         f"above {m['acc_resolution']:.1f} points can be told apart")
         return f"{head}: " + "; ".join(parts)
 
 

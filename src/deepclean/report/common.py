@@ -101,8 +101,11 @@ def verdict_lines(records: Iterable[dict[str, Any]]) -> list[str]:
         measured = [v for _, v in items if v.get("passed") is not None]
         passed = sum(1 for v in measured if v["passed"])
         seed, first = items[0]
-        head = (f"passed in {passed} of {len(measured)} seed(s)" if measured else
-                f"no verdict in {len(items)} seed(s)")
+        untold = len(items) - len(measured)
+        head = ", ".join(
+            ([f"passed in {passed} of {len(measured)} seed(s)"] if measured else [])
+            + ([f"cannot tell in {untold} seed(s), where the original already looks unseen"]
+               if untold else []))
         out.append(f"- {method}: {head}; seed {seed}: {first['summary']}")
     return out
 

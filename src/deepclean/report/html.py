@@ -21,6 +21,7 @@ from deepclean.report.common import (
     auto_gamma_note,
     behaviour_notes,
     get_field,
+    gold_spread_note,
     mean_ci,
     memorisation_note,
     precompute_note,
@@ -114,6 +115,8 @@ def _section(key: tuple, recs: list[dict[str, Any]]) -> str:
         parts.append(f"<p class='note'>{e(once)}</p>")
     if memorisation_note(recs):
         parts.append(f"<p class='note'>{e(memorisation_note(recs))}</p>")
+    if gold_spread_note(recs):
+        parts.append(f"<p class='note'>{e(gold_spread_note(recs))}</p>")
     findings = behaviour_notes(recs)
     if findings:
         parts.append("<h3>Findings</h3><ul>" + "".join(f"<li>{e(f)}</li>" for f in findings)

@@ -543,9 +543,10 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         print("not verifiable without --holdout: " + "; ".join(record["cannot_verify"]))
     un = record["unlearning"]
     gamma = un.get("gamma")
-    gamma_text = ("" if gamma is None else  # methods without a threshold
-                  f"gamma {gamma:.4g} ({un.get('gamma_source')}), "
-                  if isinstance(gamma, (int, float)) else f"gamma {gamma} ({un.get('gamma_source')}), ")
+    gamma_text = ""  # methods without a threshold have none
+    if gamma is not None:
+        shown = f"{gamma:.4g}" if isinstance(gamma, (int, float)) else str(gamma)
+        gamma_text = f"gamma {shown} ({un.get('gamma_source')}), "
     print(f"{gamma_text}{un['weights_changed']} of {un['weights_total']} weights changed, "
           f"{un['duration_s']:.1f} s")
     print(f"written to {out}/ ({', '.join(RESULT_FILES)})")
@@ -573,8 +574,8 @@ def _read_audit(path: str) -> dict[str, Any]:
               "model.sha256_before": str, "model.sha256_after": str}
     for name, kind in fields.items():
         group, key = name.split(".")
-        value = audit.get(group, {}).get(key) if isinstance(audit, dict) and \
-            isinstance(audit.get(group), dict) else None
+        section = audit.get(group) if isinstance(audit, dict) else None
+        value = section.get(key) if isinstance(section, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ConfigurationError(
                 f"--audit {path}: not an audit record of deepclean forget ({name} should be "

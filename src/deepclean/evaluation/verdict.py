@@ -89,8 +89,8 @@ MIN_ATTACK_SAMPLES = 10
 MIN_ACC_TOLERANCE = 1.0
 #: Smallest attack-AUC tolerance around 0.5: an attack at AUC 0.51 reveals practically nothing.
 MIN_AUC_TOLERANCE = 0.01
-#: Above this accuracy tolerance, in points, the sets are too small for the verdict to tell D_f
-#: from held-out data unless they differ grossly: a pass is then weak evidence, and says so.
+#: Above this accuracy resolution (``acc_resolution``, points), the sets are too small for the
+#: verdict to tell D_f from held-out data unless they differ grossly: a pass is weak evidence.
 WEAK_EVIDENCE_POINTS = 10.0
 #: Values of ``forgetting_verdict(scenario=...)``.
 SCENARIOS = ("auto", "class", "sample")
@@ -324,8 +324,8 @@ def forgetting_verdict(
         A :class:`ForgettingVerdict`. ``metrics`` keys (accuracies and tolerances in %, AUCs in
         [0, 1]): ``acc_forget``, ``acc_holdout``, ``acc_gap`` (forget minus held-out),
         ``acc_tolerance``, ``acc_resolution`` (the 95 % two-sample bound on the accuracy gap for
-        these sizes, the default ``acc_tolerance``), ``attack_auc``, ``attack_auc_ci_low``, ``attack_auc_ci_high``,
-        ``auc_tolerance``, ``loss_percentile``, ``loss_forget``, ``loss_holdout`` (mean
+        these sizes, the default ``acc_tolerance``), ``attack_auc``, ``attack_auc_ci_low``,
+        ``attack_auc_ci_high``, ``auc_tolerance``, ``loss_percentile``, ``loss_forget``, ``loss_holdout`` (mean
         cross-entropy, nats), ``class_acc_tolerance`` (class scenario), ``acc_retained_holdout``,
         ``original_acc_retained_holdout``, ``utility_drop``, ``utility_tolerance``,
         ``original_acc_forget``, ``original_attack_auc``, ``n_forget``, ``n_holdout``,

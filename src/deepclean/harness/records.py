@@ -14,6 +14,7 @@ from deepclean.distributed import broadcast_from_main, is_main_process
 from deepclean.errors import DataError, DivergenceError
 from deepclean.evaluation.evaluate import evaluate
 from deepclean.evaluation.outputs import (
+    ModelOutputs,
     build_reference,
     model_outputs,
 )
@@ -109,17 +110,19 @@ def _evaluator(ctx: _Context, *, seed: int, model_name: str, subset: torch.Tenso
     reference = build_reference(gold=gold, gold_outputs=outputs(gold), split=split,
                                 original=original, extra=extra)
 
-    def evaluate_one(model: torch.nn.Module, *, is_gold: bool = False,
-                     extended: bool = True) -> tuple[dict, dict]:
-        out = reference.gold_outputs if model is gold else outputs(model)
+    def evaluate_one(model: torch.nn.Module, *, is_gold: bool = False, extended: bool = True,
+                     out: ModelOutputs | None = None) -> tuple[dict, dict]:
+        if out is None:
+            out = reference.gold_outputs if model is gold else outputs(model)
         return evaluate(model, x_train=x_train, y_train=y_train, split=split,
                         x_test=data.test_x, y_test=data.test_y, outputs=out,
                         reference=reference if extended else None, seed=seed, is_gold=is_gold,
                         device=device, precision=ctx.cfg.precision)
 
     def gold_spread(gold_metrics: dict[str, float]) -> list[dict[str, float]]:
-        return [_gaps(evaluate_one(other, extended=False)[0], gold_metrics)
-                for other, _ in extra]
+        # the extra gold models' outputs were computed above: no second forward pass
+        return [_gaps(evaluate_one(other, extended=False, out=other_out)[0], gold_metrics)
+                for other, other_out in extra]
 
     return evaluate_one, gold_spread
 

@@ -101,8 +101,8 @@ def _sweep_locked(config: Any, gammas: tuple[float, ...], *, extended: bool,
                     ctx, scenario=scenario, seed=seed, model_name=model_name, subset=subset,
                     x_train=x_train, y_train=y_train)
                 evaluate, _ = _evaluator(ctx, seed=seed, model_name=model_name, subset=subset,
-                                      split=split, x_train=x_train, y_train=y_train,
-                                      original=original, gold=gold)
+                                         split=split, x_train=x_train, y_train=y_train,
+                                         original=original, gold=gold)
                 gold_metrics, _ = evaluate(gold, is_gold=True, extended=False)
                 kwargs = _method_kwargs(config, "deepclean", scenario, seed, device, model_name,
                                         data, train_fisher)

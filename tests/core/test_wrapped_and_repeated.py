@@ -23,7 +23,9 @@ def test_compiled_model_gives_plain_keys_and_the_same_fisher():
     model = _model()
     compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
     assert unwrap_model(compiled) is model
-    assert unwrap_model(torch.nn.DataParallel(compiled)) is model
+    # DataParallel moves its module to the first GPU when there is one: wrap another model
+    other = _model()
+    assert unwrap_model(torch.nn.DataParallel(torch.compile(other))) is other
     data = _data()
     plain = fisher_diagonal(model, data, dtype=torch.float64)
     through = fisher_diagonal(compiled, data, dtype=torch.float64)

@@ -202,6 +202,9 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
+    # several processes on the CPU (gloo): on a machine with fewer GPUs than processes, the
+    # example would otherwise put each rank on the GPU of its LOCAL_RANK
+    env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

@@ -34,6 +34,9 @@ def _env() -> dict:
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
+    # the runs are several processes on the CPU (gloo); with --device auto on a machine with
+    # fewer GPUs than processes, each rank would be refused the GPU of its LOCAL_RANK
+    env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

@@ -468,6 +468,28 @@ def test_a_pass_that_cannot_tell_an_unlearned_model_from_an_unchanged_one_is_not
     assert rec["summary"].startswith("CANNOT VERIFY: the original model already passes")
 
 
+def test_utility_lost_where_forgetting_cannot_be_told_is_not_called_forgotten():
+    """The original already treats D_f like held-out data and the unlearned model collapsed
+    onto the rare class: its verdict is "forgotten, utility lost" as measured, but "forgotten"
+    is what the check cannot tell here; the record says CANNOT VERIFY, UTILITY LOST and the
+    status is a failure, not "cannot verify"."""
+    g = torch.Generator().manual_seed(0)
+    x, xh = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g)
+    y = yh = (torch.arange(200) % 10 == 0).long()  # 90 % class 0, 10 % class 1
+    model, collapsed = nn.Linear(4, 2), nn.Linear(4, 2)
+    with torch.no_grad():
+        for m, bias in ((model, (1.0, 0.0)), (collapsed, (0.0, 1.0))):
+            m.weight.zero_()  # constant logits: the same prediction for every input
+            m.bias.copy_(torch.tensor(bias))
+    rec = verify(model, collapsed, TensorDataset(x, y), list(range(40)), TensorDataset(xh, yh))
+    assert rec["original_verdict"]["forgotten"] is True
+    assert rec["verdict"]["forgotten"] is True and rec["verdict"]["utility_kept"] is False
+    assert rec["verified"] is False and rec["status"] == "not verified"
+    assert rec["summary"].startswith("CANNOT VERIFY, UTILITY LOST: the original model already "
+                                     "passes the forgetting check"), rec["summary"]
+    assert "FORGOTTEN" not in rec["summary"].split(";")[0].replace("UTILITY LOST", "")
+
+
 def test_cli_verify_exits_3_when_the_original_already_looks_unseen(case, tmp_path, capsys):
     r = case["root"]
     untrained = tiny_model()  # never saw the noise images: D_f already looks like held-out data

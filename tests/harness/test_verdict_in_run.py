@@ -117,33 +117,59 @@ def test_with_the_report_half_the_held_out_pool_is_the_other_half(tmp_path):
     assert not pooled & reported and len(pool.y) == len(val)
 
 
-def test_when_the_original_passes_no_model_passes_or_fails():
+def test_when_the_original_passes_no_model_passes_but_measured_failures_stay():
     """An original model that treats D_f like held-out data (here: one that outputs the same
-    logits for every input) makes every verdict CANNOT TELL, with passed None: a pass would mean
-    nothing, since an unchanged model passes too."""
+    logits for every input) makes a passing verdict CANNOT TELL, with passed None: a pass would
+    mean nothing, since an unchanged model passes too. What can still be measured fails: a model
+    that collapsed onto another class reads CANNOT TELL, UTILITY LOST (passed False), and one
+    that knows D_f better than held-out data reads NOT FORGOTTEN (passed False)."""
     from types import SimpleNamespace
 
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from deepclean.harness.experiment import CANNOT_TELL, _verdict_judge
+    from deepclean.harness.experiment import CANNOT_TELL, CANNOT_TELL_UTILITY_LOST, _verdict_judge
     from deepclean.harness.holdout import HeldOut
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(400, 1, 4, 4, generator=g), torch.randint(0, 4, (400,), generator=g)
-    original = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
-    with torch.no_grad():
-        original[1].weight.zero_()  # every input gets the same logits: nothing memorised
-    other = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    x = torch.randn(400, 1, 4, 4, generator=g)
+    y = (torch.arange(400) % 5 == 0).long()  # 80 % class 0, 20 % class 1
+
+    def constant(cls: int) -> nn.Module:
+        m = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        with torch.no_grad():
+            m[1].weight.zero_()  # every input gets the same logits: nothing memorised
+            m[1].bias.copy_(torch.tensor([1.0, 0.0] if cls == 0 else [0.0, 1.0]))
+        return m
+
+    class Memoriser(nn.Module):
+        """Right on D_f's inputs (looked up), class 0 elsewhere: knows D_f, not held-out data."""
+
+        def __init__(self, xf: torch.Tensor, yf: torch.Tensor) -> None:
+            super().__init__()
+            self.xf, self.yf = xf.flatten(1), yf
+
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            d = torch.cdist(inp.flatten(1), self.xf, compute_mode="donot_use_mm_for_euclid_dist")
+            hit = d.min(dim=1).values < 1e-6
+            label = torch.where(hit, self.yf[d.argmin(dim=1)], torch.zeros_like(hit).long())
+            return torch.nn.functional.one_hot(label, 2).float() * 5.0
+
+    original = constant(0)
+    forget = TensorDataset(x[:100], y[:100])
     pool = HeldOut(x=x[100:], y=y[100:], choice=TensorDataset(x[100:250], y[100:250]),
                    verdict=TensorDataset(x[250:], y[250:]), source="test")
-    judge = _verdict_judge(SimpleNamespace(device=torch.device("cpu")), pool,
-                           TensorDataset(x[:100], y[:100]), original, "random", seed=0)
-    for model in (original, other):
-        v = judge(model)
-        assert v["passed"] is None and v["summary"].startswith(CANNOT_TELL), v["summary"]
-        assert v["passed_as_measured"] in (True, False)
-    assert judge(original)["passed_as_measured"] is True
+    judge = _verdict_judge(SimpleNamespace(device=torch.device("cpu")), pool, forget, original,
+                           "random", seed=0)
+    v = judge(original)
+    assert v["passed"] is None and v["summary"].startswith(CANNOT_TELL), v["summary"]
+    assert v["passed_as_measured"] is True
+    v = judge(constant(1))  # collapsed: D_f still looks like held-out data, utility lost
+    assert v["passed"] is False and v["forgotten"] is True and v["utility_kept"] is False
+    assert v["summary"].startswith(CANNOT_TELL_UTILITY_LOST), v["summary"]
+    v = judge(Memoriser(*forget.tensors))
+    assert v["passed"] is False and v["forgotten"] is False
+    assert v["summary"].startswith("NOT FORGOTTEN: Acc_Df 100.0 %"), v["summary"]
 
 
 def test_verdict_lines_count_passes_and_seeds_that_cannot_tell():

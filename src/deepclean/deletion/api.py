@@ -227,8 +227,9 @@ def verify(
         ``original_verdict`` (the same for the original: if it already treats D_f like
         held-out data, nothing measurable was memorised, ``notes`` says so, and a passing
         verdict cannot tell the unlearned model from an unchanged one: ``verified`` is False,
-        ``status`` ``"cannot verify"`` and the summary starts with ``CANNOT VERIFY``),
-        ``unchanged`` (the unlearned model's
+        ``status`` ``"cannot verify"`` and the summary starts with ``CANNOT VERIFY``; if
+        utility was lost too, ``status`` is ``"not verified"`` and the summary starts with
+        ``CANNOT VERIFY, UTILITY LOST``), ``unchanged`` (the unlearned model's
         parameters and buffers are bitwise the original's: then ``verified`` is False whatever
         the verdict, and the summary starts with ``NOT UNLEARNED``), ``cannot_verify`` (list of
         strings) and ``notes``.
@@ -364,6 +365,12 @@ def _verify(
     elif indistinct:
         summary = ("CANNOT VERIFY: the original model already passes this check, so it cannot "
                    "tell an unlearned model from an unchanged one; " + summary.split(": ", 1)[-1])
+    elif verdict.forgotten and bool(original_verdict.forgotten):
+        # utility lost (a failure); "FORGOTTEN" would claim what the check cannot tell here
+        summary = ("CANNOT VERIFY, UTILITY LOST: the original model already passes the "
+                   "forgetting check, so it cannot tell an unlearned model from an unchanged one, "
+                   "and held-out accuracy on the retained classes dropped; "
+                   + summary.split(": ", 1)[-1])
     passed = bool(verdict.passed) and not unchanged and not indistinct
     record.update(
         verified=passed,

@@ -451,13 +451,19 @@ def _verdict_judge(ctx: _Context, pool: HeldOut | None, forget: TensorDataset,
         return lambda model: base if model is original else judge(model)
 
     # The original already treats D_f like held-out data: it memorised too little of D_f for
-    # the verdict to tell an unlearned model from an unchanged one, so no model passes or fails.
+    # the verdict to tell an unlearned model from an unchanged one, so no model passes. What
+    # can still be measured fails as before: utility lost, or D_f now told apart from held-out
+    # data (NOT FORGOTTEN) where the original's was not.
     def cannot_tell(model: torch.nn.Module) -> dict[str, Any]:
         v = base if model is original else judge(model)
-        if v.get("passed") is None:
+        if v.get("passed") is None or not v.get("forgotten"):
             return v
+        rest = v["summary"].split(": ", 1)[-1]
+        if not v.get("utility_kept"):
+            return v | {"passed": False, "passed_as_measured": False,
+                        "summary": CANNOT_TELL_UTILITY_LOST + rest}
         return v | {"passed": None, "passed_as_measured": v["passed"],
-                    "summary": CANNOT_TELL + v["summary"].split(": ", 1)[-1]}
+                    "summary": CANNOT_TELL + rest}
 
     return cannot_tell
 
@@ -466,6 +472,11 @@ def _verdict_judge(ctx: _Context, pool: HeldOut | None, forget: TensorDataset,
 #: must be able to fail the original for its pass to mean anything).
 CANNOT_TELL = ("CANNOT TELL (the original model already treats D_f like held-out data: it "
                "memorised too little of D_f for forgetting to be measured): ")
+#: Head of such a verdict when held-out accuracy on the retained classes dropped beyond its
+#: tolerance: a failure, whatever the forgetting check says.
+CANNOT_TELL_UTILITY_LOST = ("CANNOT TELL, UTILITY LOST (the original model already treats D_f "
+                            "like held-out data, so forgetting cannot be measured; held-out "
+                            "accuracy on the retained classes dropped): ")
 
 
 # --- shared with the gamma sweep (deepclean.harness.sweep): data, original, split, gold, evaluation ---

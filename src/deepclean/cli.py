@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from deepclean._version import __version__
 from deepclean.errors import ConfigurationError, DeepCleanError
 from deepclean.validation import num_workers_argument as _workers
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepclean",
         description="Machine unlearning of PyTorch classifiers (DeepClean, arXiv 2311.10448).",
     )
+    parser.add_argument("--version", action="version", version=f"deepclean {__version__}")
     parser.add_argument("--traceback", action="store_true",
                         help="on an error, show the Python traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -143,3 +143,12 @@ def test_sweep_gamma_then_report_on_fashion_mnist(tmp_path, capsys, monkeypatch)
     assert main(["report", str(out)]) == 0
     html = (out / "report.html").read_text()
     assert "Gamma sweep" in html and html.count("data:image/png;base64,") == 2
+
+
+def test_version_prints_the_package_version(capsys):
+    from deepclean import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"deepclean {__version__}"

@@ -280,7 +280,8 @@ def _validate_more(cfg: ExperimentConfig) -> None:
         try:
             check_gamma(getattr(cfg, key), key)
         except ConfigurationError as exc:
-            raise ConfigurationError(f"{exc} (command line: {flag})") from exc
+            raise ConfigurationError(f"{exc}, or 'auto' to choose it on held-out data "
+                                     f"(command line: {flag})") from exc
     lr = cfg.unlearn_lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ConfigurationError(

@@ -112,6 +112,9 @@ def test_class_forgetting_original_is_not_forgotten_gold_is(class_case):
     assert not v.forgotten and not v.passed and v.utility_kept
     assert any("the class was not forgotten" in r for r in v.reasons)
     assert v.summary_line().startswith("NOT FORGOTTEN: Acc_Df")
+    # the line says which rule failed (rule of three on 60 samples: 300 / 60 = 5 %)
+    assert v.summary_line().endswith("a forgotten class needs accuracy at most 5.0 % on D_f and "
+                                     "on its held-out samples"), v.summary_line()
     # matched held-out = the 60 held-out samples of class 0
     assert v.metrics["n_holdout"] == 60.0 and v.metrics["n_forget"] == 60.0
 

@@ -170,6 +170,11 @@ class ForgettingVerdict:
             ref = m.get("original_acc_retained_holdout", float("nan"))
             ref_txt = "" if math.isnan(ref) else f" (original {ref:.1f} %)"
             parts.append(f"retained held-out accuracy {m['acc_retained_holdout']:.1f} %{ref_txt}")
+        tol = m.get("class_acc_tolerance", float("nan"))
+        if (self.scenario == "class" and not self.forgotten and not math.isnan(tol)
+                and max(m["acc_forget"], m["acc_holdout"]) > tol):
+            parts.append(f"a forgotten class needs accuracy at most {tol:.1f} % on D_f and on "
+                         "its held-out samples")
         if self.weak_evidence and self.forgotten:
             parts.append(f"weak evidence: at these sizes ({int(m['n_forget'])} D_f, "
                          f"{int(m['n_holdout'])} held-out) and accuracies only accuracy gaps "

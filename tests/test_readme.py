@@ -13,6 +13,7 @@ def test_readme_library_example_runs(capsys):
     exec(compile(blocks[0], "README.md", "exec"), {})  # noqa: S102 - our own README
     out = capsys.readouterr().out
     assert "n_reset" in out and "D_f: accuracy" in out
+    assert "same selection as the one call: True" in out
     forget_after = float(re.search(r"D_f: accuracy [0-9.]+% -> ([0-9.]+)%", out).group(1))
     retain_after = float(re.search(r"D_r: accuracy [0-9.]+% -> ([0-9.]+)%", out).group(1))
     assert forget_after < 10.0 and retain_after > 90.0  # the class is forgotten, D_r kept

@@ -101,7 +101,7 @@ def test_choose_candidate_prefers_the_smallest_passing_share():
 
 def test_choose_candidate_without_a_passing_one_takes_the_smallest_total_excess():
     # the candidates auto-gamma scored on Fashion-MNIST, random forgetting, seed 1
-    # (runs/auto-s12): 2 %, 8 % and 16 % of the weights reset, none passing both criteria
+    # (runs/auto-s1 of docs/autogamma.md): 2 %, 8 % and 16 % of the weights reset, none passing
     cands = [{"gamma": 1.484, "share_reset": 0.02, "forget_excess": 2.706, "utility_excess": 0.0},
              {"gamma": 1.105, "share_reset": 0.08, "forget_excess": 1.466, "utility_excess": 0.589},
              {"gamma": 0.939, "share_reset": 0.16, "forget_excess": 1.150, "utility_excess": 1.122}]

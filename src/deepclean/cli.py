@@ -496,7 +496,8 @@ def _main(args: argparse.Namespace, *, where: str | None = None) -> int:
 
         if args.threads is not None:
             if args.threads < 1:
-                raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
+                raise ConfigurationError(f"--threads must be >= 1, got {args.threads}; leave it out "
+                                         "to let torch choose")
             torch.set_num_threads(args.threads)
         config = _config_from_args(args)
         if args.command == "tune":

@@ -79,7 +79,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}{where}")
         if not self.lr > 0:
-            raise ConfigurationError(f"lr must be > 0, got {self.lr}")
+            raise ConfigurationError(f"lr must be > 0, got {self.lr} (command line: --lr); the "
+                                     "default run uses 0.05, the paper 0.1")
         if self.schedule not in ("cosine", "multistep"):
             raise ConfigurationError(
                 f"schedule must be 'cosine' or 'multistep', got {self.schedule!r}"

@@ -243,7 +243,8 @@ def _read_state(path: Path, option: str = "--weights") -> tuple[dict[str, Any], 
         raise CheckpointError(f"{option} {path} is a folder; expected a weights file "
                               "(.safetensors, or a .pt/.pth state dict)")
     if not path.is_file():
-        raise CheckpointError(f"{option} {path}: no such file")
+        raise CheckpointError(f"{option} {path}: no such file; expected the path of a weights file "
+                              "(.safetensors, or a .pt/.pth state dict)")
     if path.suffix in (".pt", ".pth", ".bin"):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

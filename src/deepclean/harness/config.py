@@ -195,7 +195,8 @@ class ExperimentConfig:
         if self.train_size is not None and self.train_size < 2:
             raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
         if not self.width > 0:
-            raise ConfigurationError(f"width must be > 0, got {self.width}")
+            raise ConfigurationError(f"width must be > 0, got {self.width} (command line: --width); "
+                                     "1.0 is the paper's size, the default run uses 0.125")
         check_precision(self.precision)
         check_channels_last(self.channels_last)
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) \

@@ -27,6 +27,7 @@ from typing import Any
 from deepclean._version import __version__
 from deepclean.errors import ConfigurationError, DeepCleanError
 from deepclean.validation import num_workers_argument as _workers
+from deepclean.validation import threads_argument as _threads
 
 __all__ = ["main", "build_parser"]
 
@@ -241,7 +242,7 @@ def _add_experiment_arguments(run: argparse.ArgumentParser) -> None:
                      help="DataLoader worker processes of methods that stream their data "
                      "(all but L-CODEC) for data sets not in memory; does not "
                      "change results; default 0")
-    run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--threads", type=_threads, help="torch CPU threads (1 to the CPUs here)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-store-indices", action="store_true",
                      help="write only the SHA-256 of the forget indices (manifests, audit)")
@@ -495,9 +496,6 @@ def _main(args: argparse.Namespace, *, where: str | None = None) -> int:
         from deepclean.harness.experiment import run_experiment
 
         if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigurationError(f"--threads must be >= 1, got {args.threads}; leave it out "
-                                         "to let torch choose")
             torch.set_num_threads(args.threads)
         config = _config_from_args(args)
         if args.command == "tune":

@@ -78,8 +78,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}{where}")
-        if not self.lr > 0:
-            raise ConfigurationError(f"lr must be > 0, got {self.lr} (command line: --lr); the "
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigurationError(f"lr must be a finite number > 0, got {self.lr} (command "
+                                     "line: --lr); the "
                                      "default run uses 0.05, the paper 0.1")
         if self.schedule not in ("cosine", "multistep"):
             raise ConfigurationError(

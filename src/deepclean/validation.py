@@ -332,6 +332,26 @@ def check_index_values(indices: Sequence[Any], label: str = "forget indices") ->
     return out
 
 
+def threads_argument(text: str) -> int:
+    """The ``type=`` of every ``--threads`` option (``deepclean run``, ``tune``, ``forget``,
+    ``verify``): an integer from 1 to the number of CPUs of this machine, else
+    :class:`argparse.ArgumentTypeError` (many more threads than CPUs only slow torch down, and
+    tens of thousands make the process fail while starting them)."""
+    import argparse
+    import os
+
+    cpus = os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= cpus:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of CPU threads from 1 to {cpus} (this machine's CPUs), got "
+            f"{text!r}; leave it out to let torch choose")
+    return value
+
+
 def num_workers_argument(text: str) -> int:
     """The ``type=`` of every ``--num-workers`` option (``deepclean run``, ``deepclean forget``):
     an integer >= 0, else :class:`argparse.ArgumentTypeError` in the option's own words."""

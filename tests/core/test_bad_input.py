@@ -278,6 +278,10 @@ def _cli(argv, tmp_path, capsys):
     (["--forget-fraction", "1.2"], r"forget_fraction must lie in (0, 1), got 1.2"),
     (["--forget-class", "-3"], "forget classes must be integers >= 0, got -3"),
     (["--data-dir", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
+    (["--width", "inf"], "width must be a number in (0, 16], got inf"),
+    (["--width", "1e308"], "width must be a number in (0, 16], got 1e+308"),
+    (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    (["--lr", "1e400"], "lr must be a finite number > 0, got inf"),
 ])
 def test_cli_bad_values_fail_fast(argv, message, tmp_path, capsys):
     code, err = _cli(argv, tmp_path, capsys)
@@ -285,6 +289,19 @@ def test_cli_bad_values_fail_fast(argv, message, tmp_path, capsys):
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err  # one line, no traceback
     assert not (tmp_path / "c").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("command", ["run", "forget", "verify"])
+@pytest.mark.parametrize("threads", ["0", "100000", "1.5"])
+def test_cli_threads_outside_one_to_the_cpus_are_refused(command, threads, tmp_path, capsys):
+    # tens of thousands of threads make the process fail while starting them (exit 139)
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--threads", threads, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --threads: expected a number of CPU threads from 1 to " in err, err
+    assert f"got '{threads}'; leave it out to let torch choose" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 @needs_fmnist

@@ -490,6 +490,39 @@ def test_utility_lost_where_forgetting_cannot_be_told_is_not_called_forgotten():
     assert "FORGOTTEN" not in rec["summary"].split(";")[0].replace("UTILITY LOST", "")
 
 
+def test_a_model_that_learned_d_f_where_the_original_had_not_is_not_forgotten_without_a_hedge():
+    """The original treats D_f like held-out data; the "unlearned" model looks D_f up and gets
+    it all right: NOT FORGOTTEN, and the note says the unlearning left a trace rather than that
+    the check cannot tell."""
+    g = torch.Generator().manual_seed(0)
+    x, xh = torch.randn(80, 4, generator=g), torch.randn(80, 4, generator=g)
+    y, yh = torch.arange(80) % 2, torch.arange(80) % 2
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0]))  # class 0 for every input: 50 % everywhere
+
+    class Lookup(nn.Module):
+        def __init__(self, xf: torch.Tensor, yf: torch.Tensor) -> None:
+            super().__init__()
+            self.xf, self.yf = xf, yf
+            self.scale = nn.Parameter(torch.tensor(5.0))  # a weight, so it differs from model
+
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            d = torch.cdist(inp, self.xf, compute_mode="donot_use_mm_for_euclid_dist")
+            hit = d.min(dim=1).values < 1e-6
+            label = torch.where(hit, self.yf[d.argmin(dim=1)], torch.zeros_like(hit).long())
+            return nn.functional.one_hot(label, 2).float() * self.scale
+
+    rec = verify(model, Lookup(x[:20], y[:20]), TensorDataset(x, y), list(range(20)),
+                 TensorDataset(xh, yh))
+    assert rec["original_verdict"]["forgotten"] is True
+    assert rec["summary"].startswith("NOT FORGOTTEN: Acc_Df 100.0 %"), rec["summary"]
+    assert rec["status"] == "not verified"
+    assert any("the unlearning left a trace" in n for n in rec["notes"]), rec["notes"]
+    assert not any("cannot tell" in n for n in rec["notes"])
+
+
 def test_cli_verify_exits_3_when_the_original_already_looks_unseen(case, tmp_path, capsys):
     r = case["root"]
     untrained = tiny_model()  # never saw the noise images: D_f already looks like held-out data

@@ -10,6 +10,7 @@ No layer uses in-place operations, so per-sample gradient hooks and residual add
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,11 @@ from torch import nn
 
 from deepclean.errors import ConfigurationError
 
-__all__ = ["resnet18", "vgg16_bn", "small_cnn", "build_model", "available_models"]
+__all__ = ["MAX_WIDTH", "resnet18", "vgg16_bn", "small_cnn", "build_model", "available_models"]
+
+#: The widest channel multiplier accepted: weights grow with its square, so 16 already gives 256
+#: times the paper's models; larger values are refused before any layer is built.
+MAX_WIDTH = 16.0
 
 
 def _channels(base: int, width: float) -> int:
@@ -158,8 +163,9 @@ def build_model(
         raise ConfigurationError(
             f"unknown model {name!r}; expected one of {available_models()}"
         )
-    if not width > 0:
-        raise ConfigurationError(f"width must be > 0, got {width}")
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and 0 < width <= MAX_WIDTH):
+        raise ConfigurationError(f"width must be a number in (0, {MAX_WIDTH:g}], got {width}; 1.0 "
+                                 "is the full-size model, smaller values narrow every layer")
     if seed is None:
         return _MODELS[name](in_channels=in_channels, num_classes=num_classes, width=width)
     with torch.random.fork_rng(devices=[]):

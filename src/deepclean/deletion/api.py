@@ -350,11 +350,15 @@ def _verify(
     if retained is None:
         cannot.append("utility: the held-out data holds no sample of a retained class")
     unchanged = _same_weights(original, unlearned)
-    if original_verdict.forgotten:
+    if original_verdict.forgotten and verdict.forgotten:
         record["notes"].append(
             "the original model already treats D_f like held-out data (it memorised too little "
             "of D_f for forgetting to be measurable); the verdict cannot tell an unlearned model "
             "from an unchanged one here")
+    elif original_verdict.forgotten:
+        record["notes"].append(
+            "the original model treated D_f like held-out data, and the unlearned model does "
+            "not: D_f is now told apart from held-out data (the unlearning left a trace)")
     summary = verdict.summary_line()
     # the verdict passes for the original too: it cannot tell an unlearned model from an
     # unchanged one, so a pass proves nothing (status "cannot verify", never verified)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from deepclean.errors import CheckpointError, ConfigurationError
-from deepclean.validation import num_workers_argument
+from deepclean.validation import num_workers_argument, threads_argument
 
 __all__ = [
     "EXIT_NOT_VERIFIED",
@@ -127,7 +127,8 @@ def _common(p: argparse.ArgumentParser, *, verify: bool) -> None:
                    "(default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=512,
                    help="inference batch size of the verification (default 512)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=threads_argument,
+                   help="torch CPU threads (1 to the CPUs here)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

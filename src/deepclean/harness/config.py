@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from deepclean.data.datasets import ImageData
-from deepclean.data.models import available_models, build_model
+from deepclean.data.models import MAX_WIDTH, available_models, build_model
 from deepclean.data.splits import SCENARIOS, make_split
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.methods import available_methods, make_method, method_class
@@ -194,8 +194,10 @@ class ExperimentConfig:
             )
         if self.train_size is not None and self.train_size < 2:
             raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
-        if not self.width > 0:
-            raise ConfigurationError(f"width must be > 0, got {self.width} (command line: --width); "
+        if not (isinstance(self.width, (int, float)) and math.isfinite(self.width)
+                and 0 < self.width <= MAX_WIDTH):
+            raise ConfigurationError(f"width must be a number in (0, {MAX_WIDTH:g}], got {self.width} "
+                                     "(command line: --width); "
                                      "1.0 is the paper's size, the default run uses 0.125")
         check_precision(self.precision)
         check_channels_last(self.channels_last)

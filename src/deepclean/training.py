@@ -40,6 +40,7 @@ from deepclean.distributed import (
 from deepclean.errors import ConfigurationError
 from deepclean.precision import autocast, check_precision, to_input_format, to_memory_format
 from deepclean.progress import progress_bar
+from deepclean.validation import check_positive
 
 __all__ = ["TrainConfig", "train_model", "resolve_device", "synchronize"]
 
@@ -78,10 +79,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}{where}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigurationError(f"lr must be a finite number > 0, got {self.lr} (command "
-                                     "line: --lr); the "
-                                     "default run uses 0.05, the paper 0.1")
+        try:
+            check_positive(lr=self.lr)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc} (command line: --lr); the default run uses 0.05, "
+                                     "the paper 0.1") from None
         if self.schedule not in ("cosine", "multistep"):
             raise ConfigurationError(
                 f"schedule must be 'cosine' or 'multistep', got {self.schedule!r}"

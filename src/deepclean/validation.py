@@ -226,6 +226,16 @@ def check_disjoint(forget: Dataset, retain: Dataset) -> None:
         )
 
 
+def check_positive(**values: float) -> None:
+    """Raise :class:`ConfigurationError` unless every value is a finite number > 0."""
+    for key, value in values.items():
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+                or not math.isfinite(value)):
+            raise ConfigurationError(
+                f"{key} must be a finite number > 0, got {value!r}; pass a positive value"
+            )
+
+
 def check_gamma(gamma: Any, name: str = "gamma") -> None:
     """Raise unless ``gamma`` is a finite real number > 0.
 

@@ -18,11 +18,19 @@ from torch import nn
 
 from deepclean.errors import ConfigurationError
 
-__all__ = ["MAX_WIDTH", "resnet18", "vgg16_bn", "small_cnn", "build_model", "available_models"]
+__all__ = ["MAX_WIDTH", "check_width", "resnet18", "vgg16_bn", "small_cnn", "build_model", "available_models"]
 
 #: The widest channel multiplier accepted: weights grow with its square, so 16 already gives 256
 #: times the paper's models; larger values are refused before any layer is built.
 MAX_WIDTH = 16.0
+
+
+def check_width(width: float) -> None:
+    """Raise :class:`ConfigurationError` unless ``width`` is a number in (0, :data:`MAX_WIDTH`]."""
+    if (isinstance(width, bool) or not isinstance(width, (int, float))
+            or not math.isfinite(width) or not 0 < width <= MAX_WIDTH):
+        raise ConfigurationError(f"width must be a number in (0, {MAX_WIDTH:g}], got {width}; 1.0 "
+                                 "is the full-size model, smaller values narrow every layer")
 
 
 def _channels(base: int, width: float) -> int:
@@ -163,9 +171,7 @@ def build_model(
         raise ConfigurationError(
             f"unknown model {name!r}; expected one of {available_models()}"
         )
-    if not (isinstance(width, (int, float)) and math.isfinite(width) and 0 < width <= MAX_WIDTH):
-        raise ConfigurationError(f"width must be a number in (0, {MAX_WIDTH:g}], got {width}; 1.0 "
-                                 "is the full-size model, smaller values narrow every layer")
+    check_width(width)
     if seed is None:
         return _MODELS[name](in_channels=in_channels, num_classes=num_classes, width=width)
     with torch.random.fork_rng(devices=[]):

@@ -3,7 +3,6 @@ what each method receives from it (:func:`_method_kwargs`, from what the method 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from deepclean.data.datasets import ImageData
-from deepclean.data.models import MAX_WIDTH, available_models, build_model
+from deepclean.data.models import available_models, build_model, check_width
 from deepclean.data.splits import SCENARIOS, make_split
 from deepclean.errors import ConfigurationError, DataError
 from deepclean.methods import available_methods, make_method, method_class
@@ -23,7 +22,7 @@ from deepclean.precision import (
     to_memory_format,
 )
 from deepclean.training import TrainConfig
-from deepclean.validation import check_gamma, check_index_values
+from deepclean.validation import check_gamma, check_index_values, check_positive
 
 PRESETS = ("default", "paper")
 
@@ -194,11 +193,11 @@ class ExperimentConfig:
             )
         if self.train_size is not None and self.train_size < 2:
             raise ConfigurationError(f"train_size must be >= 2 or None, got {self.train_size}")
-        if not (isinstance(self.width, (int, float)) and math.isfinite(self.width)
-                and 0 < self.width <= MAX_WIDTH):
-            raise ConfigurationError(f"width must be a number in (0, {MAX_WIDTH:g}], got {self.width} "
-                                     "(command line: --width); "
-                                     "1.0 is the paper's size, the default run uses 0.125")
+        try:
+            check_width(self.width)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc} (command line: --width; the default run uses "
+                                     "0.125)") from None
         check_precision(self.precision)
         check_channels_last(self.channels_last)
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) \
@@ -285,12 +284,11 @@ def _validate_more(cfg: ExperimentConfig) -> None:
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc}, or 'auto' to choose it on held-out data "
                                      f"(command line: {flag})") from exc
-    lr = cfg.unlearn_lr
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigurationError(
-            f"unlearn_lr must be a finite number > 0, got {lr!r} (command line: --unlearn-lr); "
-            "the paper uses 1e-3"
-        )
+    try:
+        check_positive(unlearn_lr=cfg.unlearn_lr)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc} (command line: --unlearn-lr); the paper uses 1e-3") \
+            from None
     f = cfg.forget_fraction
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
         raise ConfigurationError(

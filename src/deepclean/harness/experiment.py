@@ -415,10 +415,9 @@ def _run_scenario(
                 f"  time {seconds:.1f} s")
         if "auto_gamma" in rec:
             where = "" if pool is None else f" ({len(pool.choice)} samples, {pool.source})"
-            untried = (rec["auto_gamma"].get("chosen_index") is None
-                       and not rec["auto_gamma"].get("candidates"))
-            how = ("; no candidate tried: the original already treats D_f like held-out data, "
-                   "so the smallest reset share of the grid" if untried else "")
+            how = ("" if rec["auto_gamma"].get("candidates") else
+                   "; no candidate tried: the original already treats D_f like held-out data, "
+                   "so the smallest reset share of the grid")
             ctx.log(f"  {name}: gamma chosen on held-out data{where}: {rec['gamma']:.4g} "
                     f"({100 * rec['share_reset']:.2f} % of the weights reset{how})")
         ctx.log(f"  {name}: verdict {rec['verdict']['summary']}")

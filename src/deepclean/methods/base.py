@@ -28,6 +28,7 @@ from deepclean.validation import (
     check_forward,
     check_inputs,
     check_labels_fit,
+    check_positive,  # noqa: F401  (the methods import it from here)
     check_trainable,
     check_unique,
     unwrap_model,
@@ -451,18 +452,6 @@ def check_positive_int(**values: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigurationError(
                 f"{key} must be an integer >= 1, got {value!r}; e.g. {key}=128"
-            )
-
-
-def check_positive(**values: float) -> None:
-    """Raise :class:`ConfigurationError` unless every value is a finite number > 0."""
-    import math
-
-    for key, value in values.items():
-        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
-                or not math.isfinite(value)):
-            raise ConfigurationError(
-                f"{key} must be a finite number > 0, got {value!r}; pass a positive value"
             )
 
 
